@@ -15,20 +15,22 @@ the model's weights and its train/eval mode.
 Supported architectures
 -----------------------
 
-=============================================  ===============================  ==========  ===========
-architecture (``FeatureExtractor.arch``)       F(x)                             shift       nonnegative
-=============================================  ===============================  ==========  ===========
-resnet18/34/50/101/152, resnext*, wide_resnet*  ``layer4`` output (post-ReLU)    0           yes
-densenet121/161/169/201                        ``relu(features(x))``            0           yes
-mobilenet_v2                                   ``features`` (post-ReLU6)        0           yes
-efficientnet_b0..b7, efficientnet_v2_s/m/l     ``features`` (post-SiLU) + s     0.2785      yes
-mobilenet_v3_small/large                       penultimate vector, 1x1 map + s  0.375       yes
-convnext_tiny/small/base/large                 per-image LayerNormed map        0           **no**
-vgg11/13/16/19[_bn]_gap (:func:`vgg_gap`)      conv trunk without last pool     0           yes
-``.features`` + ``.classifier``/``.fc`` Linear  ``features`` (see below)         0           inferred
-``nn.Sequential(..., GAP, Flatten, Linear)``   the prefix before the pool       0           inferred
-explicit ``features=``, ``head=`` ("custom")   ``features``                     0           inferred
-=============================================  ===============================  ==========  ===========
+================================================  ================================  ======  ===========
+architecture (``FeatureExtractor.arch``)          F(x)                              shift   nonnegative
+================================================  ================================  ======  ===========
+resnet18/34/50/101/152, resnext*, wide_resnet*    ``layer4`` output (post-ReLU)     0       yes
+densenet121/161/169/201                           ``relu(features(x))``             0       yes
+mobilenet_v2                                      ``features`` (post-ReLU6)         0       yes
+efficientnet_b0..b7, efficientnet_v2_s/m/l        ``features`` (post-SiLU) + s      0.2785  yes
+mobilenet_v3_small/large                          penultimate vector, 1x1 map + s   0.375   yes
+convnext_tiny/small/base/large                    per-image LayerNormed map         0       **no**
+vgg11/13/16/19[_bn]_gap (:func:`vgg_gap`)         conv trunk without its last pool  0       yes
+<class name>: ``.features`` + Linear             ``features(x)``                   0       inferred
+``.classifier``/``.fc`` (generic)
+"sequential": ``Sequential(..., GAP, Flatten,     the prefix before the pool        0       inferred
+Linear)``
+"custom": explicit ``features=``, ``head=``       ``features(x)``                   0       inferred
+================================================  ================================  ======  ===========
 
 Shifts. NMF needs F(x) >= 0. Where the last activation is signed but bounded below, a fixed constant ``s`` is
 added inside ``FeatureExtractor.forward`` and the bias is compensated, ``bias = b - s * W.sum(1)``, so the identity
@@ -75,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
-from phpn_core.errors import ShapeError, UnsupportedModelError
+from phpn_core.errors import InputValueError, ShapeError, UnsupportedModelError
 
 __all__ = [
     "FeatureExtractor",
@@ -294,7 +296,7 @@ def vgg_gap(arch: str = "vgg16", *, num_classes: int, weights: Any = None) -> VG
             f"Fix: pass one of those names, e.g. vgg_gap('vgg16', num_classes=...)."
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(
+        raise InputValueError(
             f"vgg_gap: num_classes must be a positive int; got {num_classes!r}. Fix: pass e.g. num_classes=200."
         )
     if weights is None:

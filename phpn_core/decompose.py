@@ -193,7 +193,7 @@ def refine(
     C, k = alpha.shape
     signs = torch.where(alpha < 0, -1.0, 1.0).to(K.dtype)
     u = _closed_form_start(K, signs, k)
-    from torch.func import grad, hessian, vmap  # local: torch.func is only needed here
+    from torch.func import grad, jacrev, vmap  # local: torch.func is only needed here
 
     f = lambda u_, K_, s_, a_: _objective(u_, K_, s_, a_, target, ridge)  # noqa: E731
     fb = vmap(f)
@@ -204,7 +204,8 @@ def refine(
         W[:, :, -1] += 1.0 / k
         return W, {"refine_iter": iters, "refine_objective_start": start, "refine_objective": start}
 
-    gfn, hfn = vmap(grad(f)), vmap(hessian(f))
+    # Reverse-over-reverse Hessian: forward-mode AD has no level in some worker threads (Ray/Prefect).
+    gfn, hfn = vmap(grad(f)), vmap(jacrev(jacrev(f)))
     n = k * (k + 1)
     mu = torch.full((C,), 1e-3, dtype=K.dtype, device=K.device)
     cur = start.clone()

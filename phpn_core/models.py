@@ -28,20 +28,25 @@ def _check_pos_int(name: str, value, hint: str) -> int:
     return value
 
 
-def _block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+def _block(c_in: int, c_out: int, *, kernel: int, stride: int, padding: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
 class SynthPartsCNN(nn.Module):
     """Small CNN with a global-average-pool + linear head.
 
-    ``features``: five conv3x3/BN/ReLU blocks with strides ``2, 2, 2, 2, 1`` (total stride 16, receptive field
-    63 px) and channels ``width/8, width/4, width/2, width, width``; an input ``[B, in_channels, S, S]`` gives a
-    non-negative map ``[B, width, S/16, S/16]`` (``7 x 7`` at 112 px). ``classifier``: ``nn.Linear(width, n_classes)``.
+    ``features``: four conv/BN/ReLU blocks: a 4x4 stride-4 "patchify" conv (3 -> width/4), two 3x3 stride-2 convs
+    (-> width/2 -> width) and a 1x1 conv (width -> width). Total stride 16, receptive field 28 px, i.e. about one
+    SynthParts part (17 px at 112 px), so each map cell sees roughly one part, which keeps prototype heatmaps local.
+    An input ``[B, in_channels, S, S]`` gives a non-negative map ``[B, width, S/16, S/16]`` (``7 x 7`` at 112 px).
+    ``classifier``: ``nn.Linear(width, n_classes)``.
+
+    The early stride keeps training cheap on a CPU (~10 MMAC per 112 px image; a stride-2 stem costs 2-3x more for
+    no accuracy gain on SynthParts).
 
     Args:
         n_classes: number of classes ``C`` (>= 1).
-        width: feature dimension ``D`` (a multiple of 8, >= 8); default 128.
+        width: feature dimension ``D`` (a multiple of 4, >= 4); default 128.
         in_channels: input channels; default 3.
 
     ``forward(x [B, in_channels, S, S], normalised) -> logits [B, C]``.
@@ -51,16 +56,16 @@ class SynthPartsCNN(nn.Module):
         super().__init__()
         _check_pos_int("n_classes", n_classes, "pass the dataset's number of classes, e.g. len(ds.classes)")
         _check_pos_int("in_channels", in_channels, "pass 3 for RGB images")
-        _check_pos_int("width", width, "pass a multiple of 8, e.g. width=128")
-        if width % 8:
-            raise InputValueError(f"width must be a multiple of 8, got {width}; e.g. width=64 or width=128")
+        _check_pos_int("width", width, "pass a multiple of 4, e.g. width=128")
+        if width % 4:
+            raise InputValueError(f"width must be a multiple of 4, got {width}; e.g. width=64 or width=128")
         self.n_classes, self.width, self.in_channels = n_classes, width, in_channels
-        chans = [in_channels, width // 8, width // 4, width // 2, width, width]
-        strides = [2, 2, 2, 2, 1]
-        layers: list[nn.Module] = []
-        for c_in, c_out, s in zip(chans[:-1], chans[1:], strides):
-            layers += _block(c_in, c_out, s)
-        self.features = nn.Sequential(*layers)  # ends with ReLU: output >= 0
+        self.features = nn.Sequential(  # ends with ReLU: output >= 0
+            *_block(in_channels, width // 4, kernel=4, stride=4, padding=0),
+            *_block(width // 4, width // 2, kernel=3, stride=2, padding=1),
+            *_block(width // 2, width, kernel=3, stride=2, padding=1),
+            *_block(width, width, kernel=1, stride=1, padding=0),
+        )
         self.classifier = nn.Linear(width, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,13 +80,19 @@ class SynthPartsCNN(nn.Module):
 def _stack(ds: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """All images ``[N, 3, S, S]`` and labels ``[N]`` of a small dataset (rendered once, not every epoch)."""
     images, labels = [], []
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
-    for x, y in loader:
+    for x, y in _loader(ds, batch_size):
         images.append(x)
         labels.append(y)
     if not images:
         raise InputValueError("the dataset is empty; expected at least one item")
     return torch.cat(images), torch.cat(labels)
+
+
+def _loader(ds: Dataset, batch_size: int) -> DataLoader:
+    # An own generator: iterating a DataLoader otherwise draws a base seed from the caller's global RNG.
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate, generator=torch.Generator()
+    )
 
 
 def _collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +105,9 @@ def train_synthparts_cnn(
     *,
     epochs: int = 12,
     batch_size: int = 32,
-    lr: float = 3e-3,
+    lr: float = 4e-3,
     width: int = 128,
+    augment: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -103,17 +115,30 @@ def train_synthparts_cnn(
     """Train a :class:`SynthPartsCNN` on ``train_ds`` (a dataset following the sample contract; small enough to hold
     in memory: it is rendered once into a tensor).
 
-    AdamW with a one-cycle learning-rate schedule, cross-entropy, no augmentation; inputs normalised with the
-    dataset's ``mean``/``std``. Deterministic for a given ``seed`` on the CPU (same thread count); the global RNG
-    state is left untouched. The default config reaches ~99% test accuracy on the default SynthParts in ~30 s on 2
-    CPU cores.
+    AdamW with a one-cycle learning-rate schedule and cross-entropy; inputs normalised with the dataset's
+    ``mean``/``std``. ``augment``: random horizontal flips (per image) and a random circular shift of up to 8 px
+    (per batch). Both are cheap and, on SynthParts, lift test accuracy on images with an omitted part (the only
+    errors left) from ~93% to ~99% overall: without them the 400 training images are memorised. (Every SynthParts
+    part type is left-right symmetric, so a flip never changes a part's type.)
+
+    Deterministic for a given ``seed`` on the CPU (same thread count); the global RNG state is left untouched. The
+    default config reaches ~99% test accuracy on the default SynthParts in ~20-30 s on 2 CPU cores.
+
+    Args:
+        train_ds: the training set; ``len(train_ds.classes)`` classes.
+        epochs, batch_size, lr: optimisation; ``lr`` is the one-cycle peak.
+        width: the model's feature dimension ``D``.
+        augment: flips and shifts, see above.
+        seed: weight initialisation, shuffling and augmentation.
+        device: where to train.
+        progress: show a rich progress bar.
 
     Returns the trained model in eval mode, on ``device``.
     """
     _check_pos_int("epochs", epochs, "e.g. epochs=12")
     _check_pos_int("batch_size", batch_size, "e.g. batch_size=32")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise InputValueError(f"lr must be a positive float, got {lr!r}; e.g. lr=3e-3")
+        raise InputValueError(f"lr must be a positive float, got {lr!r}; e.g. lr=4e-3")
     for attr in ("classes", "mean", "std"):
         if not hasattr(train_ds, attr):
             raise InputValueError(
@@ -149,6 +174,11 @@ def train_synthparts_cnn(
                 if len(idx) < 2:  # BatchNorm needs more than one sample per batch
                     continue
                 xb, yb = x_all[idx], y_all[idx]
+                if augment:
+                    flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device).view(-1, 1, 1, 1)
+                    xb = torch.where(flip, xb.flip(3), xb)
+                    dx, dy = torch.randint(-8, 9, (2,), generator=gen).tolist()
+                    xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
                 logits = model(xb)
                 loss = loss_fn(logits, yb)
                 opt.zero_grad(set_to_none=True)
@@ -157,7 +187,7 @@ def train_synthparts_cnn(
                 sched.step()
                 total += len(idx)
                 correct += int((logits.argmax(1) == yb).sum())
-                loss_sum += float(loss) * len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
                 bar.advance(f"epoch {epoch + 1}/{epochs} loss {loss_sum / total:.3f} acc {correct / total:.3f}")
     model.eval()
     return model
@@ -210,8 +240,7 @@ def evaluate_accuracy(
     model.eval()
     correct = total = 0
     try:
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
-        for x, y in loader:
+        for x, y in _loader(ds, batch_size):
             x = normalize(x, ds.mean, ds.std).to(device)
             correct += int((model(x).argmax(1).cpu() == y).sum())
             total += len(y)

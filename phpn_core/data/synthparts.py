@@ -275,7 +275,8 @@ class SynthParts(Dataset):
         return self.n_classes * self.n_per_class
 
     def __getitem__(self, index: int) -> Sample:
-        image, keypoints, _ = self._render(self._check_index(index), with_masks=False)
+        index = self._check_index(index)
+        image, keypoints, _ = self._render(index, with_masks=False)
         return {
             "image": image,
             "label": self.labels[index],

@@ -1,0 +1,195 @@
+"""Feature-extraction throughput: extraction into a local feature store vs the bare forward pass, and S3 vs local reads.
+
+For each model, the same images go through the same DataLoader settings and the same batches (a batch never
+straddles a store chunk) in two ways, alternated and repeated (best of N):
+
+- ``forward``: decode -> normalise -> forward, output discarded;
+- ``extract``: ``extract_features`` into a fresh local store (store creation, channels-last copy, background writes
+  and the done markers included), float32 and float16.
+
+``ratio`` = extract images/s / forward images/s (the target is >= 0.9). Two input paths are measured:
+``decoded`` renders SynthParts images in the loop (what a real run does: decoding costs as much as the tiny CNN),
+``cached`` feeds pre-rendered tensors (isolates the forward pass from decoding, the harder case for the ratio).
+
+Then one class's features are read back from an S3 store (a moto server started here on a free loopback port)
+and from the local store: best of N ``store.class_features(c)``.
+
+Usage: ``python bench/extract_throughput.py [--quick] [--threads 2]`` (about 2-3 minutes on 2 CPU cores; ``--quick``
+well under a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from phpn_core.backbones import split_classifier  # noqa: E402
+from phpn_core.data.base import normalize  # noqa: E402
+from phpn_core.data.synthparts import SynthParts  # noqa: E402
+from phpn_core.extract import _collate, extract_features  # noqa: E402
+from phpn_core.models import SynthPartsCNN  # noqa: E402
+from phpn_core.store import FeatureStore  # noqa: E402
+
+
+class Cached(Dataset):
+    """A dataset's items rendered once into memory, with the same attributes (classes, labels, ids, mean, std)."""
+
+    def __init__(self, ds: SynthParts) -> None:
+        self.items = [ds[i] for i in range(len(ds))]
+        self.classes, self.labels, self.part_names = ds.classes, ds.labels, ds.part_names
+        self.mean, self.std, self.split, self.image_size = ds.mean, ds.std, ds.split, ds.image_size
+        self.image_ids = [it["image_id"] for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def batch_plan(store: FeatureStore, batch_size: int) -> list[list[int]]:
+    """The batches extract_features uses: each chunk's dataset indices cut into batches of <= batch_size."""
+    plan = []
+    for k in range(store.n_chunks):
+        idx = store.chunk_indices(k).tolist()
+        plan += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    return plan
+
+
+def bare_forward(features: nn.Module, ds, plan: list[list[int]], num_workers: int) -> float:
+    loader = DataLoader(ds, batch_sampler=plan, num_workers=num_workers, collate_fn=_collate)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader:
+            features(normalize(batch["image"], ds.mean, ds.std))
+    return time.perf_counter() - t
+
+
+def extract(features: nn.Module, ds, uri: str, *, dtype: str, batch_size: int, num_workers: int) -> float:
+    shutil.rmtree(uri, ignore_errors=True)
+    t = time.perf_counter()
+    extract_features(features, ds, uri, checkpoint_digest="none", dtype=dtype, batch_size=batch_size,
+                     num_workers=num_workers, progress=False)
+    return time.perf_counter() - t
+
+
+def compare(name: str, features: nn.Module, ds, workdir: str, *, batch_size: int, num_workers: int, reps: int,
+            rows: list) -> str:
+    """Alternate forward / extract(float32) / extract(float16) ``reps`` times; append best-of rows."""
+    uri = os.path.join(workdir, name.replace(" ", "_"))
+    extract(features, ds, uri, dtype="float32", batch_size=batch_size, num_workers=num_workers)  # warm-up
+    store = FeatureStore.open(uri)
+    plan = batch_plan(store, batch_size)
+    bare_forward(features, ds, plan[:2], num_workers)  # warm-up
+    best = {"forward": float("inf"), "extract f32": float("inf"), "extract f16": float("inf")}
+    for _ in range(reps):
+        best["forward"] = min(best["forward"], bare_forward(features, ds, plan, num_workers))
+        best["extract f32"] = min(best["extract f32"], extract(features, ds, uri, dtype="float32",
+                                                                 batch_size=batch_size, num_workers=num_workers))
+        best["extract f16"] = min(best["extract f16"], extract(features, ds, uri + "16", dtype="float16",
+                                                                 batch_size=batch_size, num_workers=num_workers))
+    n = len(ds)
+    for mode, secs in best.items():
+        rows.append((name, mode, n, secs, n / secs, best["forward"] / secs))
+    extract(features, ds, uri, dtype="float32", batch_size=batch_size, num_workers=num_workers)
+    return uri
+
+
+def s3_vs_local(local_uri: str, features: nn.Module, ds, *, reps: int) -> list[tuple]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
+                     region_name="us-east-1").create_bucket(Bucket="bench")
+        opts = {"endpoint_url": endpoint, "key": "bench", "secret": "bench",
+                "client_kwargs": {"region_name": "us-east-1"}}
+        s3_uri = "s3://bench/features"
+        extract_features(features, ds, s3_uri, checkpoint_digest="none", storage_options=opts, progress=False)
+        rows = []
+        for where, uri, o in (("local", local_uri, None), ("s3 (moto)", s3_uri, opts)):
+            store = FeatureStore.open(uri, storage_options=o)
+            store.class_features(0)  # warm-up: metadata, connections
+            c = store.classes[-1]
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                f = store.class_features(c)
+                times.append(time.perf_counter() - t)
+            mb = f.numel() * store.schema.feature_shape[0] * 0 + f.numel() * (2 if store.schema.dtype == "float16" else 4)
+            rows.append((where, list(f.shape), len(store.class_chunks(c)), mb / 2**20, min(times)))
+        return rows
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer images and repetitions (well under a minute)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, the same for both (default 0)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    reps = 2 if quick else 3
+    rows: list[tuple] = []
+    t_all = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="phpn-bench-")
+    try:
+        # SynthParts CNN at 112 px.
+        n_pc = 20 if quick else 50
+        sp = SynthParts(split="train", n_classes=8, n_per_class=n_pc, image_size=112)
+        torch.manual_seed(0)
+        cnn_features = split_classifier(SynthPartsCNN(8).eval())[0]
+        local_uri = compare("synthparts_cnn 112px decoded", cnn_features, sp, workdir, batch_size=64,
+                            num_workers=args.num_workers, reps=reps, rows=rows)
+        compare("synthparts_cnn 112px cached", cnn_features, Cached(sp), workdir, batch_size=64,
+                num_workers=args.num_workers, reps=reps, rows=rows)
+
+        # ResNet-34 at 224 px, random init.
+        rn_pc = 8 if quick else 24
+        rds = Cached(SynthParts(split="train", n_classes=4, n_per_class=rn_pc, image_size=224))
+        rn_features = split_classifier(tvm.resnet34(weights=None, num_classes=4).eval())[0]
+        compare("resnet34 224px cached", rn_features, rds, workdir, batch_size=32, num_workers=args.num_workers,
+                reps=2 if quick else 3, rows=rows)
+
+        print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, num_workers={args.num_workers}, "
+              f"best of {reps}; ratio = forward seconds / mode seconds (>= 0.9 wanted)")
+        print(f"{'case':32s} {'mode':12s} {'images':>6s} {'best s':>8s} {'img/s':>9s} {'ratio':>6s}")
+        for name, mode, n, secs, ips, ratio in rows:
+            print(f"{name:32s} {mode:12s} {n:6d} {secs:8.3f} {ips:9.1f} {ratio:6.2f}")
+
+        s3_rows = s3_vs_local(local_uri, cnn_features, sp, reps=5 if quick else 10)
+        print(f"\nread one class (store.class_features), best of {5 if quick else 10}")
+        print(f"{'where':12s} {'shape':>20s} {'chunks':>6s} {'MiB':>6s} {'best ms':>8s}")
+        for where, shape, nchunks, mib, secs in s3_rows:
+            print(f"{where:12s} {str(shape):>20s} {nchunks:6d} {mib:6.2f} {secs * 1e3:8.1f}")
+        print(f"s3 / local time ratio: {s3_rows[1][4] / s3_rows[0][4]:.1f}x")
+        print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The `phpn` command line: demo, run, sweep, explain, registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.runtime import quiet_environment
+
+app = typer.Typer(help="phpn: post-hoc part-prototype networks at cluster scale.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+registry_app = typer.Typer(help="Inspect a prototype registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+console = Console(stderr=True)
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _run(cfg, out: Path, ray_address: Optional[str]) -> dict:
+    quiet_environment()
+    from flows.decompose import decompose_flow
+    from flows.runtime import runtime
+
+    with runtime(ray_address=ray_address or cfg.compute.ray_address, num_cpus=cfg.compute.num_cpus) as rt:
+        console.print(f"Prefect API: {rt.api_url} ({'temporary server' if rt.started_server else 'configured'}); "
+                      f"Ray: {rt.ray_address or 'local'}")
+        return decompose_flow(cfg, str(out))
+
+
+def _summary(metrics: dict, out: Path, t0: float) -> None:
+    table = Table(title="phpn run")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in ("accuracy_original", "accuracy_decomposed", "max_abs_logit_diff", "max_head_reconstruction_error",
+              "consistency", "stability", "n_classes", "k", "classes_computed", "classes_reused", "seconds"):
+        v = metrics.get(k)
+        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    console.print(f"metrics: {out / 'metrics.json'}")
+    if metrics.get("report"):
+        console.print(f"report:  {metrics['report']}")
+    console.print(f"wall time {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory (features/, registry/, report.html)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster"),
+    k: int = typer.Option(5, "--k", min=1, help="prototypes per class"),
+) -> None:
+    """Synthparts end to end: train the CNN, extract, decompose through Ray, publish, evaluate, report."""
+    from phpn_core.config import load_config
+    from phpn_core.errors import PhpnError
+
+    t0 = time.perf_counter()
+    try:
+        cfg = load_config(None, name="demo", decompose={"k": k})
+        metrics = _run(cfg, out, ray_address)
+    except PhpnError as e:
+        _fail(str(e))
+    _summary(metrics, out, t0)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML run configuration (see configs/)"),
+    out: Path = typer.Option(..., "--out", help="run directory"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster"),
+) -> None:
+    """Decompose the classifier a YAML config describes (validated before any compute starts)."""
+    from phpn_core.config import load_config
+    from phpn_core.errors import PhpnError
+
+    t0 = time.perf_counter()
+    try:
+        cfg = load_config(config)
+        metrics = _run(cfg, out, ray_address)
+    except PhpnError as e:
+        _fail(str(e))
+    _summary(metrics, out, t0)
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="YAML sweep configuration"),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", help="directory for the runs"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS"),
+) -> None:
+    """Run many (model, dataset, k) configurations as subflows; print one summary table."""
+    from phpn_core.config import load_sweep
+    from phpn_core.errors import PhpnError
+
+    try:
+        sw = load_sweep(config)
+    except PhpnError as e:
+        _fail(str(e))
+    quiet_environment()
+    from flows.runtime import runtime
+    from flows.sweep import sweep_flow
+
+    with runtime(ray_address=ray_address or sw.base.compute.ray_address, num_cpus=sw.base.compute.num_cpus):
+        rows = sweep_flow(sw, str(out))
+    table = Table(title=f"sweep {sw.name}")
+    for col in ("name", "status", "accuracy_decomposed", "consistency", "stability", "seconds"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*[str(r.get(c)) for c in ("name", "status", "accuracy_decomposed", "consistency", "stability",
+                                                "seconds")])
+    Console().print(table)
+
+
+@registry_app.command("list")
+def registry_list(uri: str = typer.Argument(..., help="registry URI (path or s3://bucket/prefix)")) -> None:
+    """List the published entries."""
+    from phpn_core.errors import PhpnError
+    from phpn_core.registry import PrototypeRegistry
+
+    try:
+        entries = PrototypeRegistry(uri).entries()
+    except PhpnError as e:
+        _fail(str(e))
+    table = Table(title=f"registry {uri}")
+    for col in ("entry", "model", "dataset", "k", "classes", "created"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e.entry_id, e.model, e.dataset, str(e.k), str(e.n_classes), str(e.created))
+    Console().print(table)
+
+
+@registry_app.command("show")
+def registry_show(uri: str = typer.Argument(...), entry: str = typer.Argument(...)) -> None:
+    """Show one entry's metadata as JSON."""
+    from phpn_core.errors import PhpnError
+    from phpn_core.registry import PrototypeRegistry
+
+    try:
+        info = PrototypeRegistry(uri).info(entry)
+    except PhpnError as e:
+        _fail(str(e))
+    print(json.dumps(info.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+def explain(
+    image: Path = typer.Argument(..., help="an image file"),
+    registry: str = typer.Option(..., "--registry", help="registry URI"),
+    entry: str = typer.Option(..., "--entry", help="entry id (phpn registry list)"),
+    out: Path = typer.Option(Path("explanation.png"), "--out", help="PNG to write"),
+    top: int = typer.Option(3, "--top", min=1, help="classes to show"),
+) -> None:
+    """Explain one image: top classes, their prototypes' contributions and heatmaps over the image."""
+    from phpn_core.errors import PhpnError
+    from phpn_core.explain_image import explain_image_file
+
+    try:
+        path = explain_image_file(image, registry_uri=registry, entry_id=entry, out=out, top=top)
+    except PhpnError as e:
+        _fail(str(e))
+    console.print(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,243 @@
+"""The one configuration model of a phpn run (pydantic v2, frozen, unknown keys refused).
+
+Built once at the entry point (CLI or deployment) from YAML or keywords and passed down; nothing reads it at
+import time. ``RunConfig.digest()`` identifies the decomposition: the registry entry is keyed by it, so a
+re-run of the same config finds (and reuses) every class it already finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .uri import parse_uri
+
+__all__ = [
+    "ModelConfig", "DatasetConfig", "DecomposeConfig", "ComputeConfig", "StorageConfig", "EvalConfig",
+    "RunConfig", "SweepConfig", "load_config", "load_sweep", "format_validation_error",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Frozen):
+    """The classifier: a torchvision/phpn architecture and a user checkpoint (state dict), or the synthparts CNN
+    (trained by the run when ``checkpoint`` is None)."""
+
+    arch: str = "synthparts_cnn"
+    checkpoint: str | None = None
+    num_classes: int | None = Field(default=None, ge=1)
+    train_epochs: int = Field(default=8, ge=1, description="synthparts_cnn only: epochs when training it")
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self):
+        if self.arch != "synthparts_cnn" and self.checkpoint is None:
+            raise ValueError(
+                f"model.checkpoint is required for arch={self.arch!r} (a state dict saved with "
+                "torch.save(model.state_dict(), path) or safetensors); only synthparts_cnn is trained by phpn."
+            )
+        if self.checkpoint is not None and not Path(self.checkpoint).expanduser().is_file():
+            raise ValueError(f"model.checkpoint: no file at {self.checkpoint!r}; give the path of an existing state dict.")
+        return self
+
+
+class DatasetConfig(_Frozen):
+    kind: Literal["synthparts", "cub200", "imagefolder", "fashion_mnist"] = "synthparts"
+    root: str | None = None
+    image_size: int = Field(default=112, ge=16, le=4096)
+    n_classes: int = Field(default=8, ge=1, description="synthparts only")
+    train_per_class: int = Field(default=50, ge=1, description="synthparts only")
+    test_per_class: int = Field(default=20, ge=1, description="synthparts only")
+    crop_to_bbox: bool = Field(default=True, description="cub200 only: crop test images to the bird, as ProtoEval")
+    on_error: Literal["raise", "skip"] = "raise"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _root(self):
+        if self.kind in ("cub200", "imagefolder") and not self.root:
+            raise ValueError(f"dataset.root is required for kind={self.kind!r}: the dataset's directory.")
+        if self.root and self.kind != "synthparts" and not Path(self.root).expanduser().is_dir():
+            raise ValueError(f"dataset.root: no directory at {self.root!r}.")
+        return self
+
+
+class DecomposeConfig(_Frozen):
+    k: int = Field(default=5, ge=1, description="prototypes per class")
+    seed: int = 0
+    normalization: Literal["l2", "none"] = "l2"
+    target: Literal["residual", "prototype"] = "residual"
+    refine_ridge: float = Field(default=1e-3, ge=0)
+    refine_iter: int = Field(default=100, ge=0)
+    nmf_max_iter: int = Field(default=500, ge=1)
+    nmf_tol: float = Field(default=1e-6, ge=0)
+
+    def nmf_options(self) -> dict:
+        return {"max_iter": self.nmf_max_iter, "tol": self.nmf_tol}
+
+
+class ComputeConfig(_Frozen):
+    ray_address: str | None = Field(default=None, description="None: a local Ray sized to the machine")
+    num_cpus: int | None = Field(default=None, ge=1)
+    classes_per_task: int = Field(default=4, ge=1)
+    cpus_per_task: float = Field(default=1.0, gt=0)
+    gpus_per_task: float = Field(default=0.0, ge=0, description="requested only when the cluster has GPUs")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(default=64, ge=1)
+    feature_dtype: Literal["float16", "float32"] = "float32"
+
+
+class StorageConfig(_Frozen):
+    """Where tensors live. None: under the run's output directory. ``s3://`` URIs take credentials and the
+    endpoint from the environment (AWS_*), never from this file."""
+
+    features_uri: str | None = None
+    registry_uri: str | None = None
+
+    @field_validator("features_uri", "registry_uri")
+    @classmethod
+    def _valid_uri(cls, v):
+        if v is not None:
+            parse_uri(v)
+        return v
+
+
+class EvalConfig(_Frozen):
+    enabled: bool = True
+    box_half_size: float = Field(default=36.0, gt=0, description="at 224 px; scaled with the image size")
+    threshold: float = Field(default=0.8, gt=0, le=1)
+    noise_std: float = Field(default=0.2, ge=0)
+    noise_clip: float = Field(default=0.25, ge=0)
+    seed: int = 0
+    baselines: bool = True
+    report: bool = True
+
+
+class RunConfig(_Frozen):
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    model: ModelConfig = ModelConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    decompose: DecomposeConfig = DecomposeConfig()
+    compute: ComputeConfig = ComputeConfig()
+    storage: StorageConfig = StorageConfig()
+    evaluate: EvalConfig = EvalConfig()
+
+    def digest(self) -> str:
+        """Digest of what determines the prototypes (model, data, decomposition), not of compute or storage."""
+        ident = {"model": self.model.model_dump(), "dataset": self.dataset.model_dump(),
+                 "decompose": self.decompose.model_dump()}
+        if self.model.checkpoint:
+            ident["checkpoint_sha256"] = _file_sha256(self.model.checkpoint)
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SweepConfig(_Frozen):
+    name: str = Field(default="sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    max_concurrency: int = Field(default=2, ge=1)
+    base: RunConfig = RunConfig()
+    runs: list[dict[str, Any]] = Field(min_length=1, description="overrides of `base`, one per run")
+
+    def expand(self) -> list[RunConfig]:
+        """The runs, each ``base`` deep-merged with its overrides and validated."""
+        out = []
+        for i, over in enumerate(self.runs):
+            merged = _deep_merge(self.base.model_dump(), over)
+            merged.setdefault("name", f"{self.name}-{i}")
+            if merged["name"] == self.base.name:
+                merged["name"] = f"{self.name}-{i}"
+            try:
+                out.append(RunConfig.model_validate(merged))
+            except ValidationError as e:
+                raise ConfigError(format_validation_error(e, f"runs[{i}]")) from None
+        return out
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, val in b.items():
+        out[key] = _deep_merge(out[key], val) if isinstance(val, dict) and isinstance(out.get(key), dict) else val
+    return out
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The field names allowed at ``loc`` (a pydantic error location), for 'unknown key' messages."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if cur is None:
+            return None
+    return sorted(getattr(cur, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, prefix: str = "", model: type[BaseModel] = RunConfig) -> str:
+    """One line per problem: the key's path, what was wrong, and the allowed keys or values."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {path}: unknown key{hint}")
+        else:
+            got = e.get("input")
+            got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"  {path}: {e['msg']} (got {got_s[:80]})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {str(path)!r}; pass the path of a YAML file (see configs/).")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level; got {type(data).__name__}.")
+    return data
+
+
+def load_config(path: str | Path | None = None, **overrides) -> RunConfig:
+    """Read and validate a run config from YAML (``None``: the defaults), with keyword overrides on top."""
+    data = _read_yaml(path) if path is not None else {}
+    data = _deep_merge(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    data = _read_yaml(path)
+    try:
+        sweep = SweepConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, model=SweepConfig)) from None
+    sweep.expand()  # validate every run now, before any compute
+    return sweep

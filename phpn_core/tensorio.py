@@ -1,0 +1,70 @@
+"""Small named-tensor files by URI (local path or s3://), as safetensors: no pickle, one atomic object each."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import StoreError
+from .uri import parse_uri, redact, resolve_storage_options
+
+__all__ = ["write_tensors", "read_tensors"]
+
+
+def _fs(uri: str, storage_options: Mapping[str, Any] | None):
+    import fsspec
+
+    loc = parse_uri(uri)
+    opts = resolve_storage_options(uri, storage_options) or {}
+    fs, path = fsspec.core.url_to_fs(loc.url, **opts)
+    return fs, path, loc
+
+
+def write_tensors(uri: str, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, Any] | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> str:
+    """Write ``tensors`` to ``uri`` atomically (local: temp file + rename; S3: one PUT). Returns the redacted URI."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={"phpn": json.dumps(dict(metadata or {}))})
+    fs, path, loc = _fs(uri, storage_options)
+    try:
+        if loc.is_remote:
+            fs.pipe_file(path, blob)
+        else:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+    except OSError as e:
+        raise StoreError(f"could not write {redact(uri)}: {redact(str(e))}") from None
+    return redact(uri)
+
+
+def read_tensors(uri: str, *, storage_options: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`write_tensors`: ``(tensors, metadata)``."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    fs, path, _ = _fs(uri, storage_options)
+    try:
+        blob = fs.cat_file(path)
+    except FileNotFoundError:
+        raise StoreError(f"no tensor file at {redact(uri)}; was the step that writes it run?") from None
+    except OSError as e:
+        raise StoreError(f"could not read {redact(uri)}: {redact(str(e))}") from None
+    tensors = load(blob)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:  # metadata is only exposed via safe_open
+        tmp.write(blob)
+        tmp.flush()
+        with safe_open(tmp.name, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("phpn", "{}"))
+    return tensors, meta

@@ -1,0 +1,97 @@
+"""Evaluation and report tasks: read the registry entry and the test features by URI, write metrics/report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import task
+
+from phpn_core.config import RunConfig
+
+from .common import pick_device
+
+
+def _test_features(store):
+    import torch
+
+    feats, labels = [], []
+    for c in store.classes:
+        f = store.class_features(c)
+        feats.append(f)
+        labels.append(torch.full((f.shape[0],), c, dtype=torch.long))
+    return torch.cat(feats), torch.cat(labels)
+
+
+@task(name="evaluate-parity", task_run_name="evaluate-parity-{entry_id}")
+def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: str, entry_id: str) -> dict:
+    """Accuracy of the original and the decomposed head on the stored test features, max logit difference,
+    max head-reconstruction error."""
+    from phpn_core.evaluate import head_reconstruction_error
+    from phpn_core.registry import PrototypeRegistry
+    from phpn_core.store import FeatureStore
+    from phpn_core.tensorio import read_tensors
+
+    head, _ = PrototypeRegistry(registry_uri).load(entry_id)
+    linear, _ = read_tensors(linear_uri)
+    W, b = linear["weight"].float(), linear["bias"].float()
+    F, y = _test_features(FeatureStore.open(test_features_uri))
+    fmap = F.permute(0, 3, 1, 2)  # [n, D, H, W]
+    orig = F.mean((1, 2)) @ W.T + b
+    dec = head(fmap)
+    return {
+        "accuracy_original": float((orig.argmax(1) == y).float().mean()),
+        "accuracy_decomposed": float((dec.argmax(1) == y).float().mean()),
+        "max_abs_logit_diff": float((orig - dec).abs().max()),
+        "max_head_reconstruction_error": head_reconstruction_error(head, W),
+        "n_test_images": int(y.numel()),
+    }
+
+
+@task(name="evaluate-protoeval", task_run_name="evaluate-protoeval-{entry_id}")
+def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, out_dir: str) -> dict:
+    """ProtoEval consistency and stability of the prototypes (and of the baselines), on the test split."""
+    from phpn_core.data.factory import build_dataset
+    from phpn_core.evaluate import evaluate_all
+    from phpn_core.registry import PrototypeRegistry
+
+    from .prepare import load_classifier
+
+    ds = build_dataset(cfg.dataset, "test")
+    if not getattr(ds, "part_names", None):
+        return {"consistency": None, "stability": None, "note": f"{cfg.dataset.kind} has no part keypoints"}
+    train = build_dataset(cfg.dataset, "train") if cfg.evaluate.baselines else None
+    registry = PrototypeRegistry(registry_uri)
+    head, _ = registry.load(entry_id)
+    arrays = registry.load_arrays(entry_id)
+    _, features, _, _ = load_classifier(model_rec)
+    ev = cfg.evaluate
+    res = evaluate_all(features, head, ds, initial=arrays["initial"], train_dataset=train,
+                       box_half_size=ev.box_half_size, threshold=ev.threshold, noise_std=ev.noise_std,
+                       noise_clip=ev.noise_clip, seed=ev.seed, baselines=ev.baselines,
+                       device=pick_device(cfg.compute.device))
+    Path(out_dir, "evaluation.json").write_text(json.dumps(res["details"], indent=1))
+    return res["summary"]
+
+
+@task(name="build-report", task_run_name="report-{entry_id}")
+def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, train_features_uri: str,
+                      metrics: dict, out_dir: str) -> dict:
+    """The HTML report (heatmaps, galleries, contributions, metric table) and its PNGs under ``out_dir``."""
+    from phpn_core.data.factory import build_dataset
+    from phpn_core.registry import PrototypeRegistry
+    from phpn_core.report import build_report
+    from phpn_core.store import FeatureStore
+
+    from .prepare import load_classifier
+
+    t = time.perf_counter()
+    head, info = PrototypeRegistry(registry_uri).load(entry_id)
+    _, features, _, _ = load_classifier(model_rec)
+    path = build_report(
+        out_dir=out_dir, head=head, features=features, test_dataset=build_dataset(cfg.dataset, "test"),
+        train_dataset=build_dataset(cfg.dataset, "train"), train_store=FeatureStore.open(train_features_uri),
+        metrics=metrics, title=f"phpn: {cfg.name}", device=pick_device(cfg.compute.device),
+    )
+    return {"report": str(path), "seconds": round(time.perf_counter() - t, 3)}
