@@ -30,7 +30,10 @@ def _fail(msg: str) -> None:
 def _run(cfg, out: Path, ray_address: Optional[str]) -> dict:
     quiet_environment()
     from flows.decompose import decompose_flow
+    from flows.preflight import preflight
     from flows.runtime import runtime
+
+    preflight(cfg, out)
 
     with runtime(ray_address=ray_address or cfg.compute.ray_address, num_cpus=cfg.compute.num_cpus) as rt:
         console.print(f"Prefect API: {rt.api_url} ({'temporary server' if rt.started_server else 'configured'}); "

@@ -15,6 +15,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import as_completed
+from prefect_ray import RayTaskRunner
 
 from phpn_core.config import RunConfig
 from tasks.decompose import decompose_shard, publish_entry
@@ -53,7 +54,7 @@ def _entry_id(cfg: RunConfig, model_rec: dict) -> str:
 
 
 @flow(name="phpn-decompose", flow_run_name="decompose-{cfg.name}-{cfg.model.arch}-{cfg.dataset.kind}-k{cfg.decompose.k}",
-      log_prints=True)
+      task_runner=RayTaskRunner(), log_prints=True)
 def decompose_flow(cfg: RunConfig, out_dir: str) -> dict:
     """Decompose a classifier's head into part-prototypes, publish them, evaluate them, and report.
 
@@ -118,7 +119,8 @@ def decompose_flow(cfg: RunConfig, out_dir: str) -> dict:
         metrics.update({"consistency": None, "stability": None})
     metrics.update({"n_classes": C, "k": dec.k, "entry_id": entry_id, "registry": registry_uri,
                     "classes_computed": len(computed), "classes_reused": C - len(computed),
-                    "decomposition_seconds": round(t_fan, 3)})
+                    "decomposition_seconds": round(t_fan, 3),
+                    "shard_workers": sorted({f"{r['host']}:{r['pid']}" for r in records})})
     if cfg.evaluate.report:
         metrics["report"] = build_report_task(cfg=cfg, model_rec=model_rec, registry_uri=registry_uri,
                                               entry_id=entry_id, train_features_uri=f"{features_root}/train.zarr",

@@ -87,7 +87,9 @@ def dff_factorize(activations: torch.Tensor, *, k: int, seed: int = 0, init: str
     _require_pos_int("k", k, "e.g. k=5")
     n, D, h, w = activations.shape
     if k > min(D, n * h * w):
-        raise InputValueError(f"dff_factorize: k={k} concepts need k <= min(D={D}, n*h*w={n * h * w}); use a smaller k.")
+        raise InputValueError(
+            f"dff_factorize: k={k} concepts need k <= min(D={D}, n*h*w={n * h * w}); got k={k}. Use a smaller k."
+        )
     if not bool(torch.isfinite(activations).all()):
         raise InputValueError("dff_factorize: activations contain NaN or inf; expected finite feature maps.")
     try:

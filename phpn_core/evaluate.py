@@ -153,7 +153,8 @@ def _feature_batches(features_module, source, *, batch_size: int, mean, std, dev
             _require_tensor(f"{who}: precomputed feature maps", fmaps, 4, "[N, D, h, w]")
             if labels.ndim != 1 or labels.shape[0] != fmaps.shape[0]:
                 raise ShapeError(
-                    f"{who}: labels must have shape [N={fmaps.shape[0]}] to match the feature maps; got {_desc(labels)}."
+                    f"{who}: labels must have shape [N={fmaps.shape[0]}] to match the feature maps; got "
+                    f"{_desc(labels)}."
                 )
             for i in range(0, fmaps.shape[0], batch_size):
                 yield fmaps[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
@@ -161,8 +162,8 @@ def _feature_batches(features_module, source, *, batch_size: int, mean, std, dev
         for batch in source:
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                 raise InputValueError(
-                    f"{who}: with features_module=None, expected (feature maps [N, D, h, w], labels [N]) or an iterable "
-                    f"of such batches; got a batch of type {type(batch).__name__}."
+                    f"{who}: with features_module=None, expected (feature maps [N, D, h, w], labels [N]) or an "
+                    f"iterable of such batches; got a batch of type {type(batch).__name__}."
                 )
             fm, lab = batch
             _require_tensor(f"{who}: precomputed feature maps", fm, 4, "[B, D, h, w]")
@@ -171,7 +172,8 @@ def _feature_batches(features_module, source, *, batch_size: int, mean, std, dev
 
     if isinstance(source, Dataset) and not isinstance(source, DataLoader) and hasattr(source, "__len__"):
         mean, std = _resolve_norm(mean, std, source, who)
-        loader: Iterable = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate_xy)
+        loader: Iterable = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=0,
+                                      collate_fn=_collate_xy)
     else:
         mean, std = _resolve_norm(mean, std, getattr(source, "dataset", None), who)
         loader = source
@@ -378,7 +380,13 @@ def part_coverage(
     H, W = _image_hw(image_size)
     hy, hx = box_half_size_px((H, W), box_half_size=box_half_size, box_reference_size=box_reference_size)
     peaks = peak_locations(heatmaps, image_size=(H, W), upsample=upsample)  # [N, k, 2]
-    kp = keypoints.detach().to(heatmaps.device, torch.float64)
+    return _covered_from_peaks(peaks, keypoints, H, W, hy, hx)
+
+
+def _covered_from_peaks(peaks: torch.Tensor, keypoints: torch.Tensor, H: int, W: int, hy: int, hx: int
+                        ) -> torch.Tensor:
+    """peaks ``[N, k, 2]`` (row, col), keypoints ``[N, P, 3]`` -> covered ``[N, k, P]`` (see part_coverage)."""
+    kp = keypoints.detach().to(peaks.device, torch.float64)
     visible = kp[..., 2] > 0.5  # [N, P]
     kx = torch.where(visible, kp[..., 0], torch.zeros_like(kp[..., 0]))[:, None, :]  # [N, 1, P]
     ky = torch.where(visible, kp[..., 1], torch.zeros_like(kp[..., 1]))[:, None, :]
@@ -666,9 +674,9 @@ def protoeval(
         fmap = features_module(x).to(dtype)
         ex = ev_head.explain(fmap, classes=[c])
         maps = (ex.oriented_heatmaps if use_oriented else ex.heatmaps)[:, 0]  # [B, k, h, w]
-        peaks = peak_locations(maps, image_size=size, upsample=upsample)
-        cov = part_coverage(maps, kps.to(maps.device), image_size=size, box_half_size=box_half_size,
-                            box_reference_size=box_reference_size, upsample=upsample)
+        peaks = peak_locations(maps, image_size=size, upsample=upsample)  # [B, k, 2]
+        hy, hx = box_half_size_px(size, box_half_size=box_half_size, box_reference_size=box_reference_size)
+        cov = _covered_from_peaks(peaks, kps, size[0], size[1], hy, hx)
         return cov.cpu(), peaks.cpu()
 
     per_class: list[ClassProtoEval] = []
@@ -839,7 +847,9 @@ def channel_attributions(head: PartPrototypeHead, fmap: torch.Tensor, *,
     if classes is not None:
         idx = torch.as_tensor(classes, dtype=torch.long, device=protos.device)
         if idx.ndim != 1 or bool(((idx < 0) | (idx >= protos.shape[0])).any()):
-            raise InputValueError(f"channel_attributions: classes must be ints in [0, {protos.shape[0]}); got {classes}.")
+            raise InputValueError(
+                f"channel_attributions: classes must be ints in [0, {protos.shape[0]}); got {classes}."
+            )
         protos = protos[idx]
     pooled = fmap.mean((2, 3))  # [B, D]
     return pooled[:, None, None, :] * protos[None]

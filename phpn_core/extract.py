@@ -484,16 +484,27 @@ def extract_features(
 
 @dataclass
 class _Job:
+    """One chunk for the writer: its rows as CPU tensors, in row order (concatenated by the writer)."""
+
     chunk: int
     n: int
-    feats: torch.Tensor  # [ipc, h, w, D] storage dtype, CPU (pinned on CUDA); rows [:n] hold the chunk
-    kps: torch.Tensor | None  # [ipc, P, 3] float32
-    event: Any = None  # torch.cuda.Event recorded after the device->host copies
+    feats: list[torch.Tensor] = field(default_factory=list)  # [b, h, w, D] each, channels last (maybe a view)
+    kps: list[torch.Tensor] = field(default_factory=list)  # [b, P, 3] float32 each; empty without keypoints
+    buffer: torch.Tensor | None = None  # CUDA: the pinned host buffer the rows were copied into (recycled)
+    event: Any = None  # CUDA: recorded after the device -> host copies
+
+
+def _rows(parts: list[torch.Tensor]) -> np.ndarray:
+    # One part (the common case: a chunk is one batch): a zero-copy, possibly strided, view; write_chunk's own
+    # copy into its block then does the transpose/cast. Several parts: concatenated here, off the compute thread.
+    if len(parts) == 1:
+        return parts[0].numpy()
+    return np.concatenate([p.numpy() for p in parts])
 
 
 @dataclass
 class _Writer:
-    """The background writer: takes _Jobs from ``jobs``, writes them, recycles their buffers into ``free`` and
+    """The background writer: takes _Jobs from ``jobs``, writes them, recycles pinned buffers into ``free`` and
     reports ``(chunk, n)`` in ``done``. Its first exception is kept in ``error`` and stops it."""
 
     store: FeatureStore
@@ -515,15 +526,12 @@ class _Writer:
             try:
                 if job.event is not None:
                     job.event.synchronize()
-                self.store.write_chunk(
-                    job.chunk,
-                    job.feats[: job.n].numpy(),
-                    keypoints=None if job.kps is None else job.kps[: job.n].numpy(),
-                )
+                self.store.write_chunk(job.chunk, _rows(job.feats), keypoints=_rows(job.kps) if job.kps else None)
             except BaseException as e:  # noqa: BLE001 - handed to the calling thread
                 self.error = e
                 return
-            self.free.put((job.feats, job.kps))  # write_chunk copied the data: the buffer can be reused
+            if job.buffer is not None:
+                self.free.put(job.buffer)  # write_chunk copied the data: the buffer can be reused
             self.done.put((job.chunk, job.n))
 
     def raise_if_failed(self) -> None:
@@ -541,7 +549,7 @@ class _Writer:
             except queue.Full:
                 continue
 
-    def take_buffer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def take_buffer(self) -> torch.Tensor:
         while True:
             self.raise_if_failed()
             try:
@@ -589,16 +597,12 @@ class _Run:
                 plan.append((k, len(idx), r0, min(len(idx), r0 + self.batch_size), idx[r0 : r0 + self.batch_size]))
         return plan
 
-    def _new_buffer(self, writer: _Writer) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # A small pool, recycled by the writer: bounded memory, and pinned (page-locked) host memory is costly to
-        # allocate, so it is allocated once per buffer.
+    def _pinned_buffer(self, writer: _Writer) -> torch.Tensor:
+        # CUDA: a small pool of page-locked host buffers [ipc, h, w, D], recycled by the writer (pinned memory is
+        # costly to allocate, and the pool bounds host memory).
         if self.n_buffers < _QUEUE_DEPTH + 2:
             self.n_buffers += 1
-            ipc = self.store.images_per_chunk
-            feats = torch.empty((ipc, *self.fshape), dtype=self.st_dtype, pin_memory=self.cuda)
-            kp = self.store.keypoints_shape
-            kps = torch.empty((ipc, *kp), dtype=torch.float32) if kp is not None else None
-            return feats, kps
+            return torch.empty((self.store.images_per_chunk, *self.fshape), dtype=self.st_dtype, pin_memory=True)
         return writer.take_buffer()
 
     def _report(self, writer: _Writer, total_chunks: int, bar: Any, task: Any) -> None:
@@ -628,8 +632,9 @@ class _Run:
         writer = _Writer(self.store)
         writer.start()
         bar, task = _progress_bar(self.progress, n_images, self.store.uri)
+        h, w, D = self.fshape
         fmin = fmax = None
-        job: _Job | None = None
+        job = _Job(-1, 0)
         computed = 0
         try:
             with torch.inference_mode():
@@ -639,7 +644,6 @@ class _Run:
                         raise _id_mismatch(self.dataset, idx, batch["image_id"], self.ids)
                     x = batch["image"].to(self.dev, non_blocking=True)
                     out = self.features(normalize(x, self.mean, self.std))
-                    h, w, D = self.fshape
                     if tuple(out.shape) != (len(idx), D, h, w):
                         raise ShapeError(
                             f"{type(self.features).__name__} returned {tuple(out.shape)} for chunk {k}: expected "
@@ -650,24 +654,29 @@ class _Run:
                     fmin = lo if fmin is None else torch.minimum(fmin, lo)
                     fmax = hi if fmax is None else torch.maximum(fmax, hi)
                     if r0 == 0:  # the plan lists a chunk's batches consecutively, from row 0
-                        job = _Job(k, m, *self._new_buffer(writer))
-                    # One copy: permute to channels last, cast to the storage dtype, device -> host.
-                    out_cl = out.permute(0, 2, 3, 1)
+                        job = _Job(k, m, buffer=self._pinned_buffer(writer) if self.cuda else None)
                     if self.cuda:
-                        out_cl = out_cl.to(self.st_dtype, memory_format=torch.contiguous_format)
-                    job.feats[r0:r1].copy_(out_cl, non_blocking=self.cuda)
-                    if job.kps is not None:
+                        # Channels last and the storage dtype on the device (half the transfer for float16), then
+                        # one asynchronous copy into pinned memory; the writer waits on the chunk's event.
+                        cl = out.permute(0, 2, 3, 1).to(self.st_dtype, memory_format=torch.contiguous_format)
+                        job.buffer[r0:r1].copy_(cl, non_blocking=True)
+                    else:
+                        # No copy here: the writer's copy into the chunk block transposes and casts.
+                        job.feats.append(out.permute(0, 2, 3, 1))
+                    if self.with_keypoints:
                         kp = batch.get("keypoints")
                         if kp is None:
-                            raise _contract_error(self.dataset, f"items {idx[:3]}... have no keypoints but item 0 has")
-                        job.kps[r0:r1].copy_(kp)
+                            raise _contract_error(
+                                self.dataset, f"items {idx[:3]} have no keypoints although it has part_names"
+                            )
+                        job.kps.append(kp)
                     computed += len(idx)
                     if r1 == m:
                         if self.cuda:
+                            job.feats = [job.buffer[:m]]
                             job.event = torch.cuda.Event()
                             job.event.record()
                         writer.put(job)
-                        job = None
                     if bar is not None:
                         bar.update(task, advance=len(idx))
                     self._report(writer, len(todo), bar, task)

@@ -158,9 +158,10 @@ def train_synthparts_cnn(
     gen = torch.Generator().manual_seed(seed)  # shuffling
     steps_per_epoch = (n + batch_size - 1) // batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.25
-    )
+    total_steps = epochs * steps_per_epoch
+    # OneCycle needs a few steps to have a warm-up and a decay; tiny runs (tests) keep a constant rate.
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.25)
+             if total_steps >= 8 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     loss_fn = nn.CrossEntropyLoss()
 
     bar = _Progress(enabled=progress, total=epochs * steps_per_epoch, description="train SynthPartsCNN")

@@ -454,11 +454,15 @@ def test_accuracy_parity_and_reconstruction_error():
 
 @pytest.fixture(scope="module")
 def synth():
-    """An untrained SynthPartsCNN (width 32, 64 px), its split, and a decomposed head (k = 3) of 3 classes."""
-    from phpn_core import decompose_head
-    from phpn_core.backbones import split_classifier
+    """An untrained SynthPartsCNN (width 32, 64 px) on 3 classes and a planted head of its NMF prototypes (k = 3).
+
+    Planted (instead of decompose_head, whose refinement is tested in test_decompose.py): ``p~_i = P_i + R / k``
+    with P the NMF prototypes of each class's training features and ``R = v - sum_i P_i``, so ``sum_i p~_i = v``.
+    """
+    from phpn_core import nmf
     from phpn_core.data.base import normalize
     from phpn_core.data.synthparts import SynthParts
+    from phpn_core.decompose import HeadDecomposition
     from phpn_core.models import SynthPartsCNN
 
     train = SynthParts(split="train", n_classes=3, n_per_class=10, image_size=64)
@@ -466,14 +470,20 @@ def synth():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = SynthPartsCNN(3, width=32).eval()
-    features, weight, bias = split_classifier(model)
+    features = model.features  # GAP + linear: logits = classifier(features(x).mean((2, 3)))
+    weight, bias = model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone()
     fb = {}
     with torch.no_grad():
         for c in range(3):
             idx = [i for i, lab in enumerate(train.labels) if lab == c]
             x = normalize(torch.stack([train[i]["image"] for i in idx]), train.mean, train.std)
             fb[c] = features(x).permute(0, 2, 3, 1).contiguous()
-    hd = decompose_head(fb, weight, 3)
+    P = nmf(torch.stack([fb[c].reshape(-1, 32) for c in range(3)]), 3, seed=0).P  # [3, k, D]
+    residual = ((weight - P.sum(1)) / 3).unsqueeze(1).expand(-1, 3, -1)
+    protos = P + residual
+    hd = HeadDecomposition(prototypes=protos, initial=P, alpha=torch.ones(3, 3), residual=residual.clone(),
+                           rel_error=torch.zeros(3), head_error=(protos.sum(1) - weight).abs().amax(1),
+                           classes=[0, 1, 2])
     head = PartPrototypeHead.from_decomposition(hd, bias)
     return {"train": train, "test": test, "model": model, "features": features, "weight": weight, "bias": bias,
             "hd": hd, "head": head, "fb": fb}
@@ -543,9 +553,13 @@ def test_gradcam_shapes_closed_form_and_grad_cam(synth):
         ref = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets]))
     finally:
         cam.activations_and_grads.release()
-    ours = cams - cams.amin((1, 2), keepdim=True)
-    ours = ours / (1e-7 + ours.amax((1, 2), keepdim=True))
-    ours = torch.nn.functional.interpolate(ours[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+
+    def minmax(t):  # grad-cam's scale_cam_image, applied after each layer's resize and again after the mean
+        t = t - t.amin((1, 2), keepdim=True)
+        return t / (1e-7 + t.amax((1, 2), keepdim=True))
+
+    up = torch.nn.functional.interpolate(minmax(cams)[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+    ours = minmax(up[:, 0])
     assert ref.shape == (6, 64, 64)
     assert torch.allclose(ours, ref, atol=2e-3)
 

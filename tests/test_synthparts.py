@@ -186,6 +186,10 @@ def test_class_design():
     assert len({tuple(c) for c in ds.class_parts}) == 8  # unique conjunctions
     assert any(flat.count(p) > 1 for p in set(flat))  # some part types are shared between classes
     assert len(set(flat)) == P - 1  # and every class part type is used
+    # Any two classes share at most one part, so two shown parts always identify the class.
+    assert all(len(set(a) & set(b)) <= 1 for i, a in enumerate(ds.class_parts) for b in ds.class_parts[:i])
+    # Fewer classes give a prefix of the same design.
+    assert SynthParts(n_classes=4).class_parts == ds.class_parts[:4]
 
 
 @settings(max_examples=25, deadline=None)

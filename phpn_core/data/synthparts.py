@@ -15,6 +15,7 @@ and a test split built with different seeds still describe the same classes.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -125,6 +126,12 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 
 def _design_class_parts(n_classes: int, parts_per_class: int) -> list[list[int]]:
+    """A fresh copy of :func:`_design_class_parts_cached` (callers may mutate it)."""
+    return [list(c) for c in _design_class_parts_cached(n_classes, parts_per_class)]
+
+
+@functools.lru_cache(maxsize=64)
+def _design_class_parts_cached(n_classes: int, parts_per_class: int) -> tuple[tuple[int, ...], ...]:
     """Deterministic class definitions: unique part sets that spread the pool evenly and overlap as little as possible.
 
     Greedy: each class takes the unused combination with the smallest (largest overlap with an earlier class, total
@@ -135,27 +142,29 @@ def _design_class_parts(n_classes: int, parts_per_class: int) -> list[list[int]]
     combos = list(itertools.combinations(range(_N_CLASS_PART_TYPES), parts_per_class))
     order = rng.permutation(len(combos))
     combos = [frozenset(combos[i]) for i in order]
-    usage = np.zeros(_N_CLASS_PART_TYPES, dtype=np.int64)
+    usage = [0] * _N_CLASS_PART_TYPES
+    overlap = [0] * len(combos)  # largest overlap of each combination with the classes chosen so far
+    free = [True] * len(combos)
     chosen: list[frozenset[int]] = []
-    taken: set[frozenset[int]] = set()
     for _ in range(n_classes):
-        best, best_key = None, None
-        for c in combos:
-            if c in taken:
+        best, best_key = -1, None
+        for j, c in enumerate(combos):
+            if not free[j]:
                 continue
-            overlap = max((len(c & o) for o in chosen), default=0)
-            key = (overlap, int(sum(usage[i] for i in c)))
+            key = (overlap[j], sum(usage[i] for i in c))
             if best_key is None or key < best_key:
-                best, best_key = c, key
+                best, best_key = j, key
                 if key == (0, 0):
                     break
-        if best is None:  # unreachable after SynthParts' n_classes <= C(pool, k) check
+        if best < 0:  # unreachable after SynthParts' n_classes <= C(pool, k) check
             raise InputValueError(f"cannot design {n_classes} distinct classes of {parts_per_class} parts")
-        chosen.append(best)
-        taken.add(best)
-        for i in best:
+        b = combos[best]
+        free[best] = False
+        chosen.append(b)
+        for i in b:
             usage[i] += 1
-    return [sorted(c) for c in chosen]
+        overlap = [max(o, len(c & b)) for o, c in zip(overlap, combos)]
+    return tuple(tuple(sorted(c)) for c in chosen)
 
 
 def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
