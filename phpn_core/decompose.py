@@ -134,24 +134,55 @@ def _check_options(normalization: str, target: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- refinement
 
-def _objective(u: torch.Tensor, K: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str,
+def _rows(W: torch.Tensor, alpha: torch.Tensor, target: str) -> torch.Tensor:
+    """The coefficient rows whose maps are compared with the targets: ``w_i`` (residual) or ``alpha_i e_i + w_i``."""
+    if target == "prototype":
+        k = W.shape[-2]
+        W = W.clone()
+        W[..., :k] += torch.diag_embed(alpha)
+    return W
+
+
+def _objective(W: torch.Tensor, K: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, target: str,
                ridge: float) -> torch.Tensor:
-    """One class's refinement objective. u ``[k, k+1]``, K ``[k+1, k+1]``, signs/alpha ``[k]`` -> scalar."""
-    k = u.shape[0]
-    eR = torch.zeros(k + 1, dtype=u.dtype, device=u.device)
-    eR[-1] = 1.0
-    W = u - u.mean(0, keepdim=True) + eR / k  # rows: r_i's coefficients on [p_1..p_k, R]
-    if kind == "prototype":  # compare the refined prototype's map: coefficients alpha_i e_i + w_i
-        W_map = torch.cat([W[:, :k] + torch.diag(alpha), W[:, k:]], 1)
-    else:
-        W_map = W
-    KW = W_map @ K  # [k, k+1]: <F z_j, F r_i> rows
-    norms = (KW * W_map).sum(1).clamp_min(1e-300).sqrt()  # ||F r_i||
-    diagK = torch.diagonal(K)[:k].clamp_min(1e-300).sqrt()  # ||F p_i||
-    cos = signs * torch.diagonal(KW[:, :k]) / (norms * diagK)
-    fit = (2.0 - 2.0 * cos).sum()
-    ridge_term = ridge * (W * (W @ K)).sum() / K[-1, -1].clamp_min(1e-300)
-    return fit + ridge_term
+    """Refinement objective per class. W ``[C, k, k+1]`` (rows sum to e_R), K ``[C, k+1, k+1]`` -> ``[C]``."""
+    k = W.shape[1]
+    Wm = _rows(W, alpha, target)
+    KW = torch.einsum("cij,cjl->cil", Wm, K)  # [C, k, k+1]
+    norms = (KW * Wm).sum(-1).clamp_min(1e-300).sqrt()
+    diagK = torch.diagonal(K, dim1=1, dim2=2)[:, :k].clamp_min(1e-300).sqrt()
+    cos = signs * torch.diagonal(KW[:, :, :k], dim1=1, dim2=2) / (norms * diagK)
+    fit = (2.0 - 2.0 * cos).sum(1)
+    reg = (W * torch.einsum("cij,cjl->cil", W, K)).sum((1, 2)) / K[:, -1, -1].clamp_min(1e-300)
+    return fit + ridge * reg
+
+
+def _derivatives(W, K, signs, alpha, target, ridge):
+    """Gradient ``[C, k, k+1]`` and per-row Hessians ``[C, k, k+1, k+1]`` of :func:`_objective` (analytic).
+
+    The objective is a sum of one term per row w_i, so its Hessian is block diagonal: one small block per row.
+    """
+    C, k, n = W.shape
+    Wm = _rows(W, alpha, target)
+    Kw = torch.einsum("cjl,cil->cij", K, Wm)  # [C, k, n]: K w_i
+    q = (Kw * Wm).sum(-1).clamp_min(1e-300)  # [C, k]
+    nrm = q.sqrt()
+    a = K[:, :k, :]  # [C, k, n]: a_i = K e_i
+    t = (a * Wm).sum(-1)  # [C, k]
+    c = torch.diagonal(K, dim1=1, dim2=2)[:, :k].clamp_min(1e-300).sqrt()
+    sc = (signs / c).unsqueeze(-1)  # [C, k, 1]
+    n1, n3, n5 = nrm.unsqueeze(-1), (nrm**3).unsqueeze(-1), (nrm**5).unsqueeze(-1)
+    grad_cos = sc * (a / n1 - t.unsqueeze(-1) * Kw / n3)
+    outer = lambda x, y: x.unsqueeze(-1) * y.unsqueeze(-2)  # noqa: E731
+    hess_cos = sc.unsqueeze(-1) * (
+        -(outer(a, Kw) + outer(Kw, a)) / n3.unsqueeze(-1)
+        - (t.unsqueeze(-1) / n3).unsqueeze(-1) * K.unsqueeze(1)
+        + 3 * (t.unsqueeze(-1) / n5).unsqueeze(-1) * outer(Kw, Kw)
+    )
+    scale = 2 * ridge / K[:, -1, -1].clamp_min(1e-300)
+    g = -2 * grad_cos + scale.view(C, 1, 1) * torch.einsum("cjl,cil->cij", K, W)
+    H = -2 * hess_cos + scale.view(C, 1, 1, 1) * K.unsqueeze(1)
+    return g, H
 
 
 def _closed_form_start(K: torch.Tensor, signs: torch.Tensor, k: int) -> torch.Tensor:
@@ -193,36 +224,36 @@ def refine(
     C, k = alpha.shape
     signs = torch.where(alpha < 0, -1.0, 1.0).to(K.dtype)
     u = _closed_form_start(K, signs, k)
-    from torch.func import grad, jacrev, vmap  # local: torch.func is only needed here
-
-    f = lambda u_, K_, s_, a_: _objective(u_, K_, s_, a_, target, ridge)  # noqa: E731
-    fb = vmap(f)
-    start = fb(u, K, signs, alpha)
+    W = u - u.mean(1, keepdim=True)
+    W[:, :, -1] += 1.0 / k
+    start = _objective(W, K, signs, alpha, target, ridge)
     iters = torch.zeros(C, dtype=torch.long)
     if normalization == "none":
-        W = u - u.mean(1, keepdim=True)
-        W[:, :, -1] += 1.0 / k
         return W, {"refine_iter": iters, "refine_objective_start": start, "refine_objective": start}
 
-    # Reverse-over-reverse Hessian: forward-mode AD has no level in some worker threads (Ray/Prefect).
-    gfn, hfn = vmap(grad(f)), vmap(jacrev(jacrev(f)))
-    n = k * (k + 1)
+    # Newton on the separable objective under the coupling sum_i w_i = e_R (KKT, closed form): with H_i the
+    # rows' Hessians made positive definite (|eigenvalues| + damping: saddle-free, so every step descends),
+    # d_i = -H_i^-1 (g_i + lam) and sum_i d_i = 0 give lam = -(sum_i H_i^-1)^-1 sum_i H_i^-1 g_i.
+    n = k + 1
+    eye = torch.eye(n, dtype=K.dtype, device=K.device)
     mu = torch.full((C,), 1e-3, dtype=K.dtype, device=K.device)
     cur = start.clone()
     active = torch.ones(C, dtype=torch.bool, device=K.device)
     for _ in range(max_iter):
-        g = gfn(u, K, signs, alpha).reshape(C, n)
-        H = hfn(u, K, signs, alpha).reshape(C, n, n)
-        H = 0.5 * (H + H.transpose(1, 2))
-        # Saddle-free Newton: |eigenvalues| + damping, so every step descends even where H is indefinite.
-        evals, evecs = torch.linalg.eigh(H)
-        scale = evals.abs().amax(1, keepdim=True).clamp_min(1e-12)
-        denom = evals.abs() + mu.unsqueeze(1) * scale
-        step = -(evecs @ ((evecs.transpose(1, 2) @ g.unsqueeze(2)).squeeze(2) / denom).unsqueeze(2)).squeeze(2)
-        u_try = u + step.reshape(C, k, k + 1) * active.view(C, 1, 1)
-        new = fb(u_try, K, signs, alpha)
+        g, H = _derivatives(W, K, signs, alpha, target, ridge)
+        evals, evecs = torch.linalg.eigh(0.5 * (H + H.transpose(-1, -2)))
+        top = evals.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        inv_eval = 1.0 / (evals.abs() + mu.view(C, 1, 1) * top)
+        Hinv = torch.einsum("ckij,ckj,cklj->ckil", evecs, inv_eval, evecs)  # [C, k, n, n]
+        Hinv_g = torch.einsum("ckij,ckj->cki", Hinv, g)
+        S = Hinv.sum(1) + 1e-30 * eye
+        lam = -torch.linalg.solve(S, Hinv_g.sum(1).unsqueeze(-1)).squeeze(-1)  # [C, n]
+        d = -(Hinv_g + torch.einsum("ckij,cj->cki", Hinv, lam))
+        d = d - d.mean(1, keepdim=True)  # keep sum_i w_i = e_R exactly against rounding
+        W_try = W + d * active.view(C, 1, 1)
+        new = _objective(W_try, K, signs, alpha, target, ridge)
         better = (new < cur) & active
-        u = torch.where(better.view(C, 1, 1), u_try, u)
+        W = torch.where(better.view(C, 1, 1), W_try, W)
         gain = torch.where(better, cur - new, torch.zeros_like(cur))
         cur = torch.where(better, new, cur)
         mu = torch.where(better, (mu / 3).clamp_min(1e-9), (mu * 4).clamp_max(1e6))
@@ -231,8 +262,6 @@ def refine(
         active = active & ~((better & (gain <= tol * cur.abs().clamp_min(1.0))) | (mu >= 1e6))
         if not bool(active.any()):
             break
-    W = u - u.mean(1, keepdim=True)
-    W[:, :, -1] += 1.0 / k
     return W, {"refine_iter": iters, "refine_objective_start": start, "refine_objective": cur}
 
 

@@ -569,10 +569,9 @@ def _class_html(c: int, names: list[str], data: dict[str, Any] | None, head: Par
         out.append("<p class=\"note\">The test split has no images of this class.</p>")
     else:
         row_labels = [f"{i}\npred: {names[p]}" for i, p in zip(data["ids"], data["pred"])]
-        fig = viz.plot_heatmap_grid(data["images"], data["oriented"], row_labels=row_labels, col_labels=marked,
-                                    title=f"{name}: oriented heatmaps (colour scale per prototype, 0 .. max)",
-                                    alpha=alpha, cmap=cmap)
-        png = viz.figure_to_png(fig)
+        png = viz.render_heatmap_grid(data["images"], data["oriented"], row_labels=row_labels, col_labels=marked,
+                                      title=f"{name}: oriented heatmaps (colour scale per prototype, 0 .. max)",
+                                      alpha=alpha, cmap=cmap, quantize=True)
         (png_dir / f"class-{c:03d}-heatmaps.png").write_bytes(png)
         alt = (f"Heatmaps of class {name}'s {k} prototypes over {len(data['ids'])} test images "
                f"({', '.join(data['ids'])}); rows are images, columns the plain image then prototypes "
@@ -588,9 +587,8 @@ def _class_html(c: int, names: list[str], data: dict[str, Any] | None, head: Par
     if not any(gallery):
         out.append("<p class=\"note\">The training store has no images of this class.</p>")
     else:
-        fig = viz.plot_gallery([[g.patch for g in row] for row in gallery], row_labels=marked,
-                               title=f"{name}: training patches where each prototype peaks")
-        png = viz.figure_to_png(fig)
+        png = viz.render_gallery([[g.patch for g in row] for row in gallery], row_labels=marked,
+                                 title=f"{name}: training patches where each prototype peaks", quantize=True)
         (png_dir / f"class-{c:03d}-gallery.png").write_bytes(png)
         alt = (f"Gallery of class {name}: for each prototype {', '.join(proto_labels)}, the "
                f"{max(len(r) for r in gallery)} training patches that activate it most")
@@ -602,15 +600,8 @@ def _class_html(c: int, names: list[str], data: dict[str, Any] | None, head: Par
     out.append("<h3>Why: prototype contributions to the logit</h3>")
     if data is not None:
         n = len(data["ids"])
-        rows_, cols_ = viz.grid_shape(n, max_cols=4)
-        fig = viz.new_figure(300 * cols_, 230 * rows_)
-        for b in range(n):
-            ax = fig.add_subplot(rows_, cols_, b + 1)
-            viz.plot_contributions(data["contributions"][b], bias=data["bias"], logit=float(data["logits"][b]),
-                                   labels=proto_labels, title=data["ids"][b], ax=ax)
-        fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.14 / rows_, bottom=0.1 / rows_, wspace=0.3,
-                            hspace=0.55)
-        png = viz.figure_to_png(fig)
+        png = viz.render_contributions(data["contributions"], bias=data["bias"], logits=data["logits"],
+                                       labels=proto_labels, titles=data["ids"], title=f"{name}: contributions")
         (png_dir / f"class-{c:03d}-contributions.png").write_bytes(png)
         alt = (f"Bar charts of the {k} prototype contributions and the bias to class {name}'s logit, for test "
                f"images {', '.join(data['ids'])}")

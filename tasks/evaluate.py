@@ -53,7 +53,7 @@ def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: st
 def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, out_dir: str) -> dict:
     """ProtoEval consistency and stability of the prototypes (and of the baselines), on the test split."""
     from phpn_core.data.factory import build_dataset
-    from phpn_core.evaluate import evaluate_all
+    from phpn_core.suite import evaluate_all
     from phpn_core.registry import PrototypeRegistry
 
     from .prepare import load_classifier

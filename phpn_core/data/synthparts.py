@@ -225,7 +225,9 @@ class SynthParts(Dataset):
         omit_prob: float = 0.1,
     ) -> None:
         if split not in _SPLITS:
-            raise InputValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}; pass split='train' or 'test'")
+            raise InputValueError(
+                f"split must be one of {sorted(_SPLITS)}, got {split!r}; pass split='train' or split='test'"
+            )
         n_classes = _check_int("n_classes", n_classes, 1, "pass n_classes=1 or more (default 8)")
         if n_per_class is None:
             n_per_class = _DEFAULT_N_PER_CLASS[split]
@@ -234,7 +236,9 @@ class SynthParts(Dataset):
             "image_size", image_size, MIN_IMAGE_SIZE,
             f"parts would be too small to draw; use image_size >= {MIN_IMAGE_SIZE} (default 112)",
         )
-        parts_per_class = _check_int("parts_per_class", parts_per_class, 1, "pass parts_per_class=1 or more (default 3)")
+        parts_per_class = _check_int(
+            "parts_per_class", parts_per_class, 1, "pass parts_per_class=1 or more (default 3)"
+        )
         if parts_per_class > _N_CLASS_PART_TYPES:
             raise InputValueError(
                 f"parts_per_class must be <= {_N_CLASS_PART_TYPES} (the pool has {len(_POOL)} part types, one of them "
