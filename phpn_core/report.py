@@ -437,7 +437,7 @@ def build_report(
         f"<p class=\"note\">{len(classes)} of {C} classes shown, k = {k} prototypes per class, D = {D}. "
         "Heatmaps are <em>oriented</em>: each prototype's map is multiplied by the sign of its scaling coefficient, "
         "so it peaks where its part is even when the part counts against the class (such prototypes are marked "
-        "&minus;). A prototype's contribution is the mean of its signed map; contributions plus the bias give the "
+        "<em>(neg)</em>). A prototype's contribution is the mean of its map before orientation; contributions plus the bias give the "
         f"logit exactly. Generated {time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds:.1f} s.</p>"
     )
     page = (
@@ -560,7 +560,8 @@ def _class_html(c: int, names: list[str], data: dict[str, Any] | None, head: Par
                 patch_size: int | None, png_dir: Path, viz: Any, *, alpha: float, cmap: str) -> str:
     name = names[c]
     k = len(proto_labels)
-    marked = [f"{p} (\u2212)" if float(signs[c, i]) < 0 else p for i, p in enumerate(proto_labels)]
+    # "(neg)": the prototype carries its part as negative evidence (its sign is -1); PIL's font has no U+2212.
+    marked = [f"{p} (neg)" if float(signs[c, i]) < 0 else p for i, p in enumerate(proto_labels)]
     out = [f"<section class=\"class\" id=\"class-{c}\"><h2>Class {c}: {_esc(name)}</h2>"]
 
     # Where

@@ -390,7 +390,7 @@ def bar_panel(
     font, small = _font(11), _font(9)
     head = f"{title}: " if title else ""
     draw.text((W / 2, 4), f"{head}logit {logit:.2f}", fill="black", font=font, anchor="ma")
-    top, bottom, left, right = 22 + 12, H - 18 - 12, 6, W - 6
+    top, bottom, left, right = 36, H - 36, 6, W - 6
     lo, hi = min(0.0, min(values)), max(0.0, max(values))
     span = (hi - lo) or 1.0
 
