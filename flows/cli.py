@@ -60,7 +60,7 @@ def _summary(metrics: dict, out: Path, t0: float) -> None:
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory (features/, registry/, report.html)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster"),
-    k: int = typer.Option(4, "--k", min=1, help="prototypes per class"),
+    k: int = typer.Option(3, "--k", min=1, help="prototypes per class"),
 ) -> None:
     """Synthparts end to end: train the CNN, extract, decompose through Ray, publish, evaluate, report."""
     from phpn_core.config import load_config

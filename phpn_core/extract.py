@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from phpn_core.data.base import normalize
-from phpn_core.errors import InputValueError, ShapeError
+from phpn_core.errors import InputValueError, SchemaMismatchError, ShapeError
 from phpn_core.store import FeatureSchema, FeatureStore
 
 __all__ = [
@@ -92,6 +92,8 @@ class ExtractionResult:
             nothing). ``feature_min < 0`` means the features are not non-negative (NMF needs them >= 0).
         nonnegative: what the extractor declares (``features.nonnegative``; None when it has no such attribute).
         seconds: wall time of the call.
+        setup_seconds: the part of ``seconds`` spent before the first batch: the schema's dry run, creating or
+            opening the store, reading its progress (a fixed cost per call, independent of the number of images).
     """
 
     store: FeatureStore
@@ -102,6 +104,7 @@ class ExtractionResult:
     feature_max: float | None
     nonnegative: bool | None
     seconds: float
+    setup_seconds: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -124,6 +127,7 @@ class ExtractionResult:
             "feature_min": self.feature_min,
             "feature_max": self.feature_max,
             "seconds": round(self.seconds, 3),
+            "setup_seconds": round(self.setup_seconds, 3),
         }
 
 
@@ -386,7 +390,7 @@ def extract_features(
         images_per_chunk: chunk size of a new store (default: the store's choice, 1-4 MiB chunks); None reuses an
             existing store's.
         chunks: compute only these chunk indices (those of them still missing), e.g. one worker's share; default
-            all missing chunks.
+            all missing chunks. ``chunks=[]`` only creates (or validates) the store.
         storage_options: s3fs options for ``s3://`` URIs (None: from the environment).
         overwrite: delete whatever is at ``uri`` first.
         progress: show a progress bar (rich, on stderr).
@@ -416,6 +420,12 @@ def extract_features(
             raise InputValueError(
                 f"extract_features got both schema= and its pieces {given}: expected one or the other. "
                 "Fix: drop the pieces (the schema already holds them) or drop schema=."
+            )
+        shift = float(getattr(features, "shift", 0.0))
+        if shift != schema.feature_shift:
+            raise SchemaMismatchError(
+                f"schema.feature_shift = {schema.feature_shift} but {type(features).__name__}.shift = {shift}: the "
+                "schema was built for another extractor. Fix: build it with build_schema(features, dataset, ...)."
             )
         features.to(dev)
     else:
@@ -448,9 +458,10 @@ def extract_features(
     skipped = store.n_chunks - len(missing)
     nonneg = getattr(features, "nonnegative", None)
     nonneg = bool(nonneg) if isinstance(nonneg, bool) else None
+    setup = time.perf_counter() - t0
     if not todo:
         log.info("feature store %s: nothing to compute (%d chunks already done)", store.uri, skipped)
-        return ExtractionResult(store, (), skipped, 0, None, None, nonneg, time.perf_counter() - t0)
+        return ExtractionResult(store, (), skipped, 0, None, None, nonneg, time.perf_counter() - t0, setup)
 
     run = _Run(
         features=features, dataset=dataset, store=store, ids=ids, dev=dev, batch_size=batch_size,
@@ -479,6 +490,7 @@ def extract_features(
         feature_max=fmax,
         nonnegative=nonneg,
         seconds=time.perf_counter() - t0,
+        setup_seconds=setup,
     )
 
 
@@ -615,7 +627,9 @@ class _Run:
             if bar is not None:
                 bar.update(task, chunks=f"{self.written}/{total_chunks} chunks")
             if self.on_chunk is not None:
-                self.on_chunk(ChunkWritten(chunk_index=k, n_images=n, chunks_done=self.written, chunks_todo=total_chunks))
+                self.on_chunk(
+                    ChunkWritten(chunk_index=k, n_images=n, chunks_done=self.written, chunks_todo=total_chunks)
+                )
 
     def execute(self, todo: list[int]) -> tuple[int, float | None, float | None]:
         """Compute and write the chunks ``todo``; returns (images computed, min, max)."""
@@ -644,12 +658,15 @@ class _Run:
                         raise _id_mismatch(self.dataset, idx, batch["image_id"], self.ids)
                     x = batch["image"].to(self.dev, non_blocking=True)
                     out = self.features(normalize(x, self.mean, self.std))
-                    if tuple(out.shape) != (len(idx), D, h, w):
+                    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(idx), D, h, w):
+                        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                         raise ShapeError(
-                            f"{type(self.features).__name__} returned {tuple(out.shape)} for chunk {k}: expected "
+                            f"{type(self.features).__name__} returned {got} for chunk {k}: expected "
                             f"[{len(idx)}, {D}, {h}, {w}] as in the store's schema. Fix: extract with the same "
                             "extractor and input size as the store was created with."
                         )
+                    if out.dtype == torch.bfloat16:  # numpy has no bfloat16 (autocast / bf16 models)
+                        out = out.float()
                     lo, hi = torch.aminmax(out)  # kept on the device: no sync per batch
                     fmin = lo if fmin is None else torch.minimum(fmin, lo)
                     fmax = hi if fmax is None else torch.maximum(fmax, hi)
@@ -658,7 +675,8 @@ class _Run:
                     if self.cuda:
                         # Channels last and the storage dtype on the device (half the transfer for float16), then
                         # one asynchronous copy into pinned memory; the writer waits on the chunk's event.
-                        cl = out.permute(0, 2, 3, 1).to(self.st_dtype, memory_format=torch.contiguous_format)
+                        cl = torch.empty((len(idx), h, w, D), dtype=self.st_dtype, device=self.dev)
+                        cl.copy_(out.permute(0, 2, 3, 1))  # transpose + cast in one kernel
                         job.buffer[r0:r1].copy_(cl, non_blocking=True)
                     else:
                         # No copy here: the writer's copy into the chunk block transposes and casts.
@@ -712,7 +730,8 @@ def _collate(items: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 def _sample_image(sample: Any, i: int) -> torch.Tensor:
     image = sample.get("image") if isinstance(sample, Mapping) else None
-    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or image.shape[1] != image.shape[2]:
+    ok = isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3
+    if not ok or image.shape[1] != image.shape[2]:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ShapeError(
             f"dataset item {i} has an invalid image: expected a float tensor [3, S, S] in [0, 1] under 'image', got "
@@ -745,8 +764,9 @@ def _progress_bar(enabled: bool, total: int, uri: str) -> tuple[Any, Any]:
     )
 
     bar = Progress(
-        TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TextColumn("{task.fields[chunks]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), refresh_per_second=4,
+        TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+        TextColumn("{task.fields[chunks]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), refresh_per_second=4,
     )
     task = bar.add_task("extract", total=total, chunks="")
     bar.start()
@@ -762,7 +782,9 @@ def _check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise InputValueError(f"device {device!r} is not a torch device. Fix: pass 'cpu', 'cuda' or 'cuda:0'.") from None
+        raise InputValueError(
+            f"device {device!r} is not a torch device. Fix: pass 'cpu', 'cuda' or 'cuda:0'."
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputValueError(
             f"device {str(dev)!r} requested but CUDA is not available on this machine. Fix: pass device='cpu'."

@@ -2,7 +2,7 @@
 
 Every function takes tensors (or arrays) with documented shapes and returns a new array, a matplotlib
 :class:`~matplotlib.figure.Figure` or PNG bytes; inputs are never modified. Image grids (many cells) are composed
-with PIL and returned as PNG bytes, which is ~100x faster than one matplotlib Axes per cell. Figures are built with
+with PIL and returned as PNG bytes: ~20x faster than one matplotlib Axes per cell (measured on a report's grids). Figures are built with
 :class:`matplotlib.figure.Figure` on the Agg canvas, never through ``pyplot``: no global state, no GUI backend,
 safe in worker processes and threads, and nothing to close.
 
@@ -436,7 +436,9 @@ def render_contributions(
 
     Returns PNG bytes of ``min(n, max_cols) * width`` by ``ceil(n / max_cols) * height`` pixels plus gaps.
     """
-    c = contributions if isinstance(contributions, torch.Tensor) else torch.as_tensor(_as_numpy(contributions, "contributions"))
+    c = contributions
+    if not isinstance(c, torch.Tensor):
+        c = torch.as_tensor(_as_numpy(contributions, "contributions"))
     if c.ndim == 1:
         c = c[None]
     if c.ndim != 2 or c.shape[0] == 0:

@@ -4,6 +4,7 @@ only missing chunks computed), refusals, error propagation, S3 round trip."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -211,11 +212,14 @@ def test_resume_after_sigkill(tmp_path, model_file, features, ds, reference):
     uri = str(tmp_path / "fs")
     code = CHILD.format(threads=THREADS, model=str(model_file), ds_args=DS_ARGS, uri=uri, ipc=IPC, batch=BATCH)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)
+    err = tmp_path / "child.stderr"
+    with open(err, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err_file, text=True,
+                                env=env, cwd=ROOT)
     try:
-        line = proc.stdout.readline()  # blocks until the child has written 2 chunks (or died)
-        assert line.startswith("READY"), f"child did not get to chunk 2: {line!r}\n{proc.stderr.read()}"
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # the child has written 2 chunks, or died
+        line = proc.stdout.readline() if ready else "(timeout)"
+        assert line.startswith("READY"), f"child did not get to chunk 2: {line!r}\n{err.read_text()}"
         time.sleep(0.2)  # let the writer thread get into a later chunk, as a real kill would find it
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
