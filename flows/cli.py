@@ -161,13 +161,17 @@ def explain(
     entry: str = typer.Option(..., "--entry", help="entry id (phpn registry list)"),
     out: Path = typer.Option(Path("explanation.png"), "--out", help="PNG to write"),
     top: int = typer.Option(3, "--top", min=1, help="classes to show"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="the model's checkpoint, when the entry's "
+                                              "recorded one is not at hand"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
 ) -> None:
     """Explain one image: top classes, their prototypes' contributions and heatmaps over the image."""
     from phpn_core.errors import PhpnError
     from phpn_core.explain_image import explain_image_file
 
     try:
-        path = explain_image_file(image, registry_uri=registry, entry_id=entry, out=out, top=top)
+        path = explain_image_file(image, registry_uri=registry, entry_id=entry, out=out, top=top,
+                                  checkpoint=str(checkpoint) if checkpoint else None, device=device)
     except PhpnError as e:
         _fail(str(e))
     console.print(f"wrote {path}")

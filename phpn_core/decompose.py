@@ -227,7 +227,7 @@ def refine(
     W = u - u.mean(1, keepdim=True)
     W[:, :, -1] += 1.0 / k
     start = _objective(W, K, signs, alpha, target, ridge)
-    iters = torch.zeros(C, dtype=torch.long)
+    iters = torch.zeros(C, dtype=torch.long, device=K.device)
     if normalization == "none":
         return W, {"refine_iter": iters, "refine_objective_start": start, "refine_objective": start}
 

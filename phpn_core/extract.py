@@ -53,8 +53,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
-# Chunks waiting for the writer. Two keep the writer busy while the next chunk is computed; more only cost memory.
-_QUEUE_DEPTH = 2
+# Chunks queued for or being written (bounds memory), and writer threads. A few writers overlap the fixed latency of
+# each chunk's storage round trips; more would only compete with the forward pass for the GIL.
+_QUEUE_DEPTH = 4
+_WRITERS = 3
 _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)  # BatchNorm, InstanceNorm, Dropout
 _POLL_S = 0.1  # how often a blocked queue operation looks for a writer failure
 # Dataset attributes that never change the pixels (paths, error policies), left out of the fingerprint; the ids of
@@ -514,34 +516,43 @@ def _rows(parts: list[torch.Tensor]) -> np.ndarray:
     return np.concatenate([p.numpy() for p in parts])
 
 
-@dataclass
 class _Writer:
-    """The background writer: takes _Jobs from ``jobs``, writes them, recycles pinned buffers into ``free`` and
-    reports ``(chunk, n)`` in ``done``. Its first exception is kept in ``error`` and stops it."""
+    """Background writers: ``n_threads`` threads take :class:`_Job` s from ``jobs`` and write them; at most ``depth``
+    jobs are queued or being written (bounded memory). Chunks are independent objects, so several are written at
+    once: the fixed latency of each chunk's storage round trips (three Zarr writes, thread hand-offs, S3 requests)
+    then overlaps instead of adding up. Pinned buffers are recycled into ``free``; ``(chunk, n)`` is reported in
+    ``done``. The first exception is kept in ``error`` and the writers stop."""
 
-    store: FeatureStore
-    jobs: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=_QUEUE_DEPTH))
-    free: queue.Queue = field(default_factory=queue.Queue)
-    done: queue.Queue = field(default_factory=queue.Queue)
-    error: BaseException | None = None
-    thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._loop, name="phpn-feature-writer", daemon=True)
-        self.thread.start()
+    def __init__(self, store: FeatureStore, *, n_threads: int = _WRITERS, depth: int = _QUEUE_DEPTH) -> None:
+        self.store = store
+        self.jobs: queue.Queue = queue.Queue()  # unbounded: `slots` bounds it, so stop sentinels never block
+        self.slots = threading.Semaphore(depth)
+        self.free: queue.Queue = queue.Queue()
+        self.done: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._loop, name=f"phpn-feature-writer-{i}", daemon=True) for i in range(n_threads)
+        ]
+        for t in self.threads:
+            t.start()
 
     def _loop(self) -> None:
         while True:
             job = self.jobs.get()
-            if job is None:
+            if job is None or self.error is not None:
                 return
             try:
                 if job.event is not None:
                     job.event.synchronize()
                 self.store.write_chunk(job.chunk, _rows(job.feats), keypoints=_rows(job.kps) if job.kps else None)
             except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-                self.error = e
+                with self._lock:
+                    if self.error is None:
+                        self.error = e
                 return
+            finally:
+                self.slots.release()
             if job.buffer is not None:
                 self.free.put(job.buffer)  # write_chunk copied the data: the buffer can be reused
             self.done.put((job.chunk, job.n))
@@ -549,17 +560,14 @@ class _Writer:
     def raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
-        if self.thread is not None and not self.thread.is_alive():
-            raise RuntimeError("the feature writer thread stopped unexpectedly")  # pragma: no cover
+        if not any(t.is_alive() for t in self.threads):
+            raise RuntimeError("the feature writer threads stopped unexpectedly")  # pragma: no cover
 
-    def put(self, job: _Job | None) -> None:
-        while True:
+    def put(self, job: _Job) -> None:
+        while not self.slots.acquire(timeout=_POLL_S):
             self.raise_if_failed()
-            try:
-                self.jobs.put(job, timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
+        self.raise_if_failed()
+        self.jobs.put(job)
 
     def take_buffer(self) -> torch.Tensor:
         while True:
@@ -570,12 +578,11 @@ class _Writer:
                 continue
 
     def finish(self) -> None:
-        """Write what is queued, then stop; raises the writer's error if it failed."""
-        if self.thread is None:
-            return
-        if self.error is None and self.thread.is_alive():
-            self.put(None)
-        self.thread.join()
+        """Write what is queued, then stop; raises the writers' error if one failed."""
+        for _ in self.threads:
+            self.jobs.put(None)  # FIFO: after the queued jobs
+        for t in self.threads:
+            t.join()
         if self.error is not None:
             raise self.error
 
@@ -644,7 +651,6 @@ class _Run:
         )
         it = iter(loader)  # starts the workers before any thread of ours exists (they are forked)
         writer = _Writer(self.store)
-        writer.start()
         bar, task = _progress_bar(self.progress, n_images, self.store.uri)
         h, w, D = self.fshape
         fmin = fmax = None
@@ -701,7 +707,7 @@ class _Run:
             writer.finish()
             self._report(writer, len(todo), bar, task)
         except BaseException as e:
-            # Let the writer finish the chunks already queued (they are correct), unless it is what failed.
+            # Let the writers finish the chunks already queued (they are correct), unless they are what failed.
             if writer.error is None:
                 try:
                     writer.finish()
