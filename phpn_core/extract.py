@@ -9,9 +9,10 @@
   chunk's numbers do not depend on which other chunks a run computes (batch composition can change the last bits
   of a convolution): a resumed store equals an uninterrupted one byte for byte (same device and threads).
 - **Overlapped.** Images are decoded by a torch ``DataLoader`` (``num_workers`` processes, pinned memory on CUDA),
-  the forward pass runs in the calling thread, and a background writer thread (bounded queue) encodes and writes
-  finished chunks, so compute never waits on storage unless storage is the bottleneck. A writer failure is raised
-  in the calling thread.
+  the forward pass runs in the calling thread, and background writer threads (bounded queue; the calling thread
+  makes no copy on the CPU: the store's own copy into its chunk block transposes and casts) encode and write
+  finished chunks, so compute waits on storage only when storage is the bottleneck. A writer failure is raised in
+  the calling thread, after the chunks already queued are written.
 - **Honest.** Features are written as computed: negative values (a module whose ``nonnegative`` is False, e.g.
   ConvNeXt) are not clamped; the observed minimum and maximum are returned in :class:`ExtractionResult`.
 
@@ -53,10 +54,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
-# Chunks queued for or being written (bounds memory), and writer threads. A few writers overlap the fixed latency of
-# each chunk's storage round trips; more would only compete with the forward pass for the GIL.
-_QUEUE_DEPTH = 4
-_WRITERS = 3
+# Writer threads, and chunks queued for or being written (bounds host memory: <= 6 x 4 MiB chunks). Several writers
+# overlap each chunk's fixed storage latency (three sequential Zarr writes; on S3 three PUTs of ~10-50 ms): one writer
+# would cap S3 at ~10 chunks/s, below what a GPU produces. Locally they are idle most of the time.
+_WRITERS = 4
+_QUEUE_DEPTH = 6
 _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)  # BatchNorm, InstanceNorm, Dropout
 _POLL_S = 0.1  # how often a blocked queue operation looks for a writer failure
 # Dataset attributes that never change the pixels (paths, error policies), left out of the fingerprint; the ids of
@@ -521,7 +523,8 @@ class _Writer:
     jobs are queued or being written (bounded memory). Chunks are independent objects, so several are written at
     once: the fixed latency of each chunk's storage round trips (three Zarr writes, thread hand-offs, S3 requests)
     then overlaps instead of adding up. Pinned buffers are recycled into ``free``; ``(chunk, n)`` is reported in
-    ``done``. The first exception is kept in ``error`` and the writers stop."""
+    ``done``. The first exception is kept in ``error`` (the thread that raised it stops; the others finish the jobs
+    already queued, which are correct, so that as much as possible is kept for a resume)."""
 
     def __init__(self, store: FeatureStore, *, n_threads: int = _WRITERS, depth: int = _QUEUE_DEPTH) -> None:
         self.store = store
@@ -540,7 +543,7 @@ class _Writer:
     def _loop(self) -> None:
         while True:
             job = self.jobs.get()
-            if job is None or self.error is not None:
+            if job is None:
                 return
             try:
                 if job.event is not None:
@@ -707,13 +710,13 @@ class _Run:
             writer.finish()
             self._report(writer, len(todo), bar, task)
         except BaseException as e:
-            # Let the writers finish the chunks already queued (they are correct), unless they are what failed.
-            if writer.error is None:
-                try:
-                    writer.finish()
-                except BaseException as e2:  # noqa: BLE001
-                    if hasattr(e, "add_note"):
-                        e.add_note(f"(the feature writer also failed: {type(e2).__name__}: {e2})")
+            # Let the writers finish the chunks already queued (they are correct) before raising: nothing is written
+            # behind the caller's back after this function has returned.
+            try:
+                writer.finish()
+            except BaseException as e2:  # noqa: BLE001
+                if e2 is not e and hasattr(e, "add_note"):
+                    e.add_note(f"(the feature writer also failed: {type(e2).__name__}: {e2})")
             raise
         finally:
             if bar is not None:

@@ -169,8 +169,8 @@ def nmf(
     solver: str = "auto",
     oversample: int = 20,
     power_iters: int = 2,
-    polish_iter: int = 50,
-    polish_sweeps: int = 8,
+    polish_iter: int = 20,
+    polish_sweeps: int = 10,
     check_every: int = 5,
     row_counts: torch.Tensor | None = None,
     item_seeds: list[int] | None = None,
@@ -263,7 +263,7 @@ def nmf(
     def cross(Et, exact: bool):
         return torch.bmm(Et, Xb) if exact else torch.bmm(torch.bmm(Et, Q), Yc)
 
-    def run_phase(n_max: int, exact: bool, sweeps: int, Et, P, active):
+    def run_phase(n_max: int, exact: bool, sweeps: int, Et, P, active, tol: float):
         yn2 = xnorm2 if exact else (Yc * Yc).sum((1, 2))
         prev = None
         for it in range(n_max):
@@ -289,11 +289,13 @@ def nmf(
 
     active = torch.ones(B, dtype=torch.bool, device=dev)
     if solver == "rhals":
-        Et, P, active = run_phase(max_iter, False, 1, Et, P, active)
+        # The compressed problem only has to bring the factors near the optimum: the exact polish finishes.
+        c_tol = tol * 10 if polish_iter > 0 else tol
+        Et, P, active = run_phase(max_iter, False, 1, Et, P, active, c_tol)
         if polish_iter > 0:  # convergence is then judged on the exact problem
-            Et, P, active = run_phase(polish_iter, True, polish_sweeps, Et, P, torch.ones_like(active))
+            Et, P, active = run_phase(polish_iter, True, polish_sweeps, Et, P, torch.ones_like(active), tol)
     else:
-        Et, P, active = run_phase(max_iter, True, polish_sweeps, Et, P, active)
+        Et, P, active = run_phase(max_iter, True, polish_sweeps, Et, P, active, tol)
 
     # Exact final error (one more product with X, so rel_error is the true one, not the compressed one).
     err2 = _sq_error(xnorm2, torch.bmm(Et, Xb), P, torch.bmm(Et, Et.transpose(1, 2)), torch.bmm(P, P.transpose(1, 2)))

@@ -355,3 +355,20 @@ def test_s3_round_trip(s3_server, s3_bucket, features, ds, reference):
         assert torch.equal(reader.class_keypoints(c), reference.store.class_keypoints(c))
     again = extract_features(features, ds, uri, checkpoint_digest="d1", storage_options=opts, progress=False)
     assert again.chunks_written == () and again.images_computed == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_matches_cpu(tmp_path, model_file, ds, reference):
+    from phpn_core.models import load_model
+
+    gpu_features = split_classifier(load_model(model_file))[0]  # its own copy: extraction moves it to the GPU
+    for dtype in ("float32", "float16"):
+        res = extract_features(gpu_features, ds, tmp_path / dtype, checkpoint_digest="d1", dtype=dtype,
+                               images_per_chunk=IPC, batch_size=BATCH, device="cuda", progress=False)
+        assert res.complete and res.store.schema.dtype == dtype
+        for c in range(4):
+            want = reference.store.class_features(c)
+            torch.testing.assert_close(res.store.class_features(c), want, rtol=1e-2 if dtype == "float16" else 1e-4,
+                                       atol=1e-3 if dtype == "float16" else 1e-5)
+            assert torch.equal(res.store.class_keypoints(c), reference.store.class_keypoints(c))
