@@ -1,8 +1,9 @@
 """Orchestration overhead of decompose_flow on the demo: Prefect + Ray scheduling and I/O vs. the compute.
 
-Runs the demo's decomposition (model and features prepared by a first, untimed run) through the real flow —
-temporary Prefect server, local Ray, default shard size — into a fresh registry, so every class is recomputed;
-then the same shards' decompose_head compute in-process, without Prefect or Ray, in the same run. Prints the
+Runs the demo (model and features prepared by a first, untimed run) through the real flow — temporary Prefect
+server, local Ray, default shard size — into a fresh registry, so every class is recomputed and evaluated; then
+the same task bodies in-process (their ``.fn``), without Prefect or Ray, in the same run. The difference is the
+orchestration overhead. Prints the
 one-time starts (Prefect server, Ray) separately.
 
     .venv/bin/python bench/flow_overhead.py [--out runs/bench-overhead]
@@ -31,14 +32,10 @@ def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flows.decompose import decompose_flow
     from flows.runtime import runtime
-    from phpn_core import decompose_head
     from phpn_core.config import load_config
-    from phpn_core.store import FeatureStore
-    from phpn_core.tensorio import read_tensors
 
     out = Path(args.out)
-    cfg = load_config(None, name="bench", model={"train_epochs": 12}, decompose={"k": 4},
-                      evaluate={"enabled": False, "report": False})
+    cfg = load_config(None, name="bench", model={"train_epochs": 12}, decompose={"k": 3})  # the demo's config
     with runtime(num_cpus=cfg.compute.num_cpus) as rt:
         print(f"one-time starts: Prefect server {rt.prefect_started_s:.1f} s, Ray {rt.ray_started_s:.1f} s")
         decompose_flow(cfg, str(out))  # untimed: trains the model, extracts features
@@ -53,23 +50,42 @@ def main() -> None:
             fans.append(m["decomposition_seconds"])
             assert m["classes_computed"] == m["n_classes"]
 
-    store = FeatureStore.open(str(out / "features" / "train.zarr"))
-    linear_path = next((out / "registry-timed-0" / "inputs").glob("*/linear.safetensors"))
-    W = read_tensors(str(linear_path))[0]["weight"].float()
-    C, n = W.shape[0], cfg.compute.classes_per_task
-    dec = cfg.decompose
+    # The same steps in-process: the task bodies (``.fn``) called in the flow's order, no Prefect, no Ray.
+    from flows.decompose import _entry_id, write_linear_head
+    from tasks.decompose import decompose_shard, publish_entry
+    from tasks.evaluate import build_report_task, evaluate_parity, evaluate_protoeval
+    from tasks.prepare import extract_split, prepare_model
+
     computes = []
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
+        reg = str(out / f"registry-inproc-{r}")
+        shutil.rmtree(reg, ignore_errors=True)
         t = time.perf_counter()
+        rec = prepare_model.fn(cfg, str(out))
+        extract_split.fn(cfg, rec, "train", str(out / "features" / "train.zarr"))
+        extract_split.fn(cfg, rec, "test", str(out / "features" / "test.zarr"))
+        eid = _entry_id(cfg, rec)
+        lin = f"{reg}/inputs/{eid}/linear.safetensors"
+        C = write_linear_head.fn(rec, lin)["n_classes"]
+        n, dec = cfg.compute.classes_per_task, cfg.decompose
+        opts = {"normalization": dec.normalization, "target": dec.target, "refine_ridge": dec.refine_ridge,
+                "refine_iter": dec.refine_iter, "nmf_options": dec.nmf_options()}
         for i in range(0, C, n):
-            feats = {c: store.class_features(c) for c in range(i, min(C, i + n))}
-            decompose_head(feats, W, dec.k, seed=dec.seed, normalization=dec.normalization, target=dec.target,
-                           refine_ridge=dec.refine_ridge, refine_iter=dec.refine_iter, nmf_options=dec.nmf_options())
+            decompose_shard.fn(features_uri=str(out / "features" / "train.zarr"), registry_uri=reg, linear_uri=lin,
+                               entry_id=eid, classes=list(range(i, min(C, i + n))), k=dec.k, seed=dec.seed,
+                               options=opts, device=cfg.compute.device, label="bench")
+        publish_entry.fn(registry_uri=reg, linear_uri=lin, entry_id=eid, n_classes=C, metadata={})
+        metrics = evaluate_parity.fn(test_features_uri=str(out / "features" / "test.zarr"), registry_uri=reg,
+                                     linear_uri=lin, entry_id=eid)
+        metrics.update(evaluate_protoeval.fn(cfg=cfg, model_rec=rec, registry_uri=reg, entry_id=eid, out_dir=str(out)))
+        build_report_task.fn(cfg=cfg, model_rec=rec, registry_uri=reg, entry_id=eid,
+                             train_features_uri=str(out / "features" / "train.zarr"), metrics=metrics, out_dir=str(out))
         computes.append(time.perf_counter() - t)
     wall, fan, compute = min(walls), min(fans), min(computes)
-    print(f"decomposition flow wall time (features reused, all {C} classes recomputed): {wall:.2f} s")
+    print(f"demo flow wall time (model and features reused, all {C} classes recomputed, evaluation and "
+          f"report included): {wall:.2f} s")
     print(f"  of which the Ray fan-out of {-(-C // n)} shards: {fan:.2f} s")
-    print(f"same shards in-process, serial, no Prefect/Ray (read + decompose): {compute:.2f} s")
+    print(f"the same task bodies in-process, serial, no Prefect/Ray: {compute:.2f} s")
     overhead = max(0.0, wall - compute)
     print(f"orchestration overhead: {overhead:.2f} s = {100 * overhead / wall:.1f}% of the flow's wall time "
           f"(floor: < 25%)")

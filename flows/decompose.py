@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from prefect.cache_policies import NO_CACHE
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -26,7 +27,7 @@ METRIC_KEYS = ("accuracy_original", "accuracy_decomposed", "max_abs_logit_diff",
                "consistency", "stability", "n_classes", "k", "seconds")
 
 
-@task(name="write-linear-head", task_run_name="write-linear-head")
+@task(cache_policy=NO_CACHE, name="write-linear-head", task_run_name="write-linear-head")
 def write_linear_head(model_rec: dict, uri: str) -> dict:
     """Write the classifier's linear head (weight [C, D], bias [C]) by URI, for the shard tasks."""
     from phpn_core.tensorio import write_tensors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from prefect.cache_policies import NO_CACHE
 from prefect import task
 
 from .common import pick_device, retry_on_io, worker_identity
@@ -14,7 +15,7 @@ def shard_run_name(parameters: dict) -> str:
     return f"decompose-{parameters['label']}-c{cl[0]}-{cl[-1]}"
 
 
-@task(name="decompose-shard", task_run_name=shard_run_name, retries=2, retry_delay_seconds=2,
+@task(cache_policy=NO_CACHE, name="decompose-shard", task_run_name=shard_run_name, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io)
 def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, entry_id: str, classes: list[int],
                     k: int, seed: int, options: dict, device: str, label: str) -> dict:
@@ -54,7 +55,7 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
             "max_head_error": float(hd.head_error.max()), "mean_rel_error": float(hd.rel_error.mean())}
 
 
-@task(name="publish-entry", task_run_name="publish-{entry_id}", retries=2, retry_delay_seconds=2,
+@task(cache_policy=NO_CACHE, name="publish-entry", task_run_name="publish-{entry_id}", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io)
 def publish_entry(*, registry_uri: str, linear_uri: str, entry_id: str, n_classes: int, metadata: dict) -> dict:
     """Gather the staged classes into one atomically published registry entry."""

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from prefect.cache_policies import NO_CACHE
 from prefect import task
 
 from phpn_core.config import RunConfig
@@ -24,7 +25,7 @@ def _test_features(store):
     return torch.cat(feats), torch.cat(labels)
 
 
-@task(name="evaluate-parity", task_run_name="evaluate-parity-{entry_id}")
+@task(cache_policy=NO_CACHE, name="evaluate-parity", task_run_name="evaluate-parity-{entry_id}")
 def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: str, entry_id: str) -> dict:
     """Accuracy of the original and the decomposed head on the stored test features, max logit difference,
     max head-reconstruction error."""
@@ -49,7 +50,7 @@ def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: st
     }
 
 
-@task(name="evaluate-protoeval", task_run_name="evaluate-protoeval-{entry_id}")
+@task(cache_policy=NO_CACHE, name="evaluate-protoeval", task_run_name="evaluate-protoeval-{entry_id}")
 def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, out_dir: str) -> dict:
     """ProtoEval consistency and stability of the prototypes (and of the baselines), on the test split."""
     from phpn_core.data.factory import build_dataset
@@ -75,7 +76,7 @@ def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, en
     return res["summary"]
 
 
-@task(name="build-report", task_run_name="report-{entry_id}")
+@task(cache_policy=NO_CACHE, name="build-report", task_run_name="report-{entry_id}")
 def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, train_features_uri: str,
                       metrics: dict, out_dir: str) -> dict:
     """The HTML report (heatmaps, galleries, contributions, metric table) and its PNGs under ``out_dir``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect.cache_policies import NO_CACHE
 from prefect import task
 
 from phpn_core.config import RunConfig
@@ -11,7 +12,7 @@ from phpn_core.config import RunConfig
 from .common import pick_device, retry_on_io
 
 
-@task(name="prepare-model", task_run_name="prepare-model-{cfg.model.arch}")
+@task(cache_policy=NO_CACHE, name="prepare-model", task_run_name="prepare-model-{cfg.model.arch}")
 def prepare_model(cfg: RunConfig, out_dir: str) -> dict:
     """The classifier's spec and checkpoint digest; trains the synthparts CNN when no checkpoint is given
     (once: a finished checkpoint under ``out_dir`` is reused)."""
@@ -49,7 +50,7 @@ def load_classifier(model_rec: dict):
     return model, *split_classifier(model)
 
 
-@task(name="extract-features", task_run_name="extract-{split}", retries=2, retry_delay_seconds=2,
+@task(cache_policy=NO_CACHE, name="extract-features", task_run_name="extract-{split}", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io)
 def extract_split(cfg: RunConfig, model_rec: dict, split: str, uri: str) -> dict:
     """Extract (or resume, or reuse) the ``split`` features of the configured dataset into the store at ``uri``."""
