@@ -169,11 +169,12 @@ def nmf(
     solver: str = "auto",
     oversample: int = 20,
     power_iters: int = 2,
-    polish_iter: int = 20,
+    polish_iter: int = 14,
     polish_sweeps: int = 10,
     check_every: int = 5,
     row_counts: torch.Tensor | None = None,
     item_seeds: list[int] | None = None,
+    extrapolate: bool = True,
 ) -> NMFResult:
     """Factorise non-negative ``X ~= E @ P``, one matrix or a batch at once.
 
@@ -193,6 +194,7 @@ def nmf(
             Glineur 2012: the products with X dominate, the sweeps are cheap).
         check_every: sweeps between convergence checks (each costs a device sync).
         row_counts: LongTensor ``[B]``: real rows per matrix when shorter ones are zero-padded to ``m``.
+        extrapolate: accelerate HALS by extrapolation with restarts (Ang & Gillis 2019).
         item_seeds: one seed per matrix (default ``seed + b``); a matrix's result depends only on its own data
             and seed, not on what else is in the batch.
 
@@ -264,25 +266,39 @@ def nmf(
         return torch.bmm(Et, Xb) if exact else torch.bmm(torch.bmm(Et, Q), Yc)
 
     def run_phase(n_max: int, exact: bool, sweeps: int, Et, P, active, tol: float):
+        """HALS with extrapolation (Ang & Gillis 2019): each update starts from ``x + beta (x - x_prev)`` while
+        the error keeps falling; a rise restarts from the last accepted iterate with a smaller beta. The error
+        of each iterate is nearly free: it comes from the P step's own products."""
         yn2 = xnorm2 if exact else (Yc * Yc).sum((1, 2))
-        prev = None
+        prev_check = None
+        Ey, Py = Et, P
+        err_acc = torch.full((B,), float("inf"), dtype=Xb.dtype, device=dev)
+        beta = torch.full((B, 1, 1), 0.5, dtype=Xb.dtype, device=dev)
+        beta_bar = torch.ones_like(beta)
         for it in range(n_max):
-            A_E, G_P = products(Et, P, exact)
-            Et_new = _hals_rows(Et, A_E, G_P, 0.0, sweeps)
+            A_E, G_P = products(Ey, Py, exact)
+            Et_new = _hals_rows(Ey, A_E, G_P, 0.0, sweeps)
             G_E = torch.bmm(Et_new, Et_new.transpose(1, 2))
-            P_new = _hals_rows(P, cross(Et_new, exact), G_E, _EPS_P, sweeps)
-            if bool(active.all()):
-                Et, P = Et_new, P_new
-            else:  # converged matrices stay frozen, so a result does not depend on its batch-mates
-                a = active.view(B, 1, 1)
-                Et, P = torch.where(a, Et_new, Et), torch.where(a, P_new, P)
+            A_P = cross(Et_new, exact)
+            P_new = _hals_rows(Py, A_P, G_E, _EPS_P, sweeps)
+            err = _sq_error(yn2, A_P, P_new, G_E, torch.bmm(P_new, P_new.transpose(1, 2))).sqrt()
+            # Frozen (converged) matrices never move, so a result does not depend on its batch-mates.
+            ok = (active & (err <= err_acc)).view(B, 1, 1)
+            Et_next, P_next = torch.where(ok, Et_new, Et), torch.where(ok, P_new, P)
+            if extrapolate:
+                Ey = torch.where(ok, (Et_new + beta * (Et_new - Et)).clamp_(min=0), Et_next)
+                Py = torch.where(ok, (P_new + beta * (P_new - P)).clamp_(min=_EPS_P), P_next)
+                beta_bar = torch.where(ok, (beta_bar * 1.01).clamp_(max=1.0), beta)
+                beta = torch.where(ok, torch.minimum(beta_bar, beta * 1.05), beta / 1.5)
+            else:
+                Ey, Py = Et_next, P_next
+            err_acc = torch.where(ok.view(B), err, err_acc)
+            Et, P = Et_next, P_next
             n_iter.add_(active.long())
             if (it + 1) % check_every == 0 or it == n_max - 1:
-                G_E = torch.bmm(Et, Et.transpose(1, 2))
-                err = _sq_error(yn2, cross(Et, exact), P, G_E, torch.bmm(P, P.transpose(1, 2))).sqrt()
-                if prev is not None:
-                    active = active & ((prev - err) > tol * prev.clamp_min(1e-30))
-                prev = err
+                if prev_check is not None:
+                    active = active & ((prev_check - err_acc) > tol * prev_check.clamp_min(1e-30))
+                prev_check = err_acc.clone()
                 if not bool(active.any()):
                     break
         return Et, P, active
