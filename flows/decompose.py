@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from prefect.cache_policies import NO_CACHE
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -71,6 +71,11 @@ def decompose_flow(cfg: RunConfig, out_dir: str) -> dict:
     features_root = cfg.storage.features_uri or str(out / "features")
     registry_uri = cfg.storage.registry_uri or str(out / "registry")
 
+    with tags("phpn", f"model:{cfg.model.arch}", f"dataset:{cfg.dataset.kind}", f"k:{cfg.decompose.k}", f"run:{cfg.name}"):
+        return _decompose(cfg, out_dir, t0, log, out, features_root, registry_uri, remote_options)
+
+
+def _decompose(cfg, out_dir, t0, log, out, features_root, registry_uri, remote_options) -> dict:
     model_rec = prepare_model(cfg, out_dir)
     train = extract_split(cfg, model_rec, "train", f"{features_root}/train.zarr")
     test = extract_split(cfg, model_rec, "test", f"{features_root}/test.zarr")
@@ -154,3 +159,10 @@ def _publish_artifacts(cfg: RunConfig, entry_id: str, metrics: dict, records: li
     workers = sorted({(r["host"], r["pid"]) for r in records})
     lines += ["", f"Shards ran in {len(workers)} worker process(es)."]
     create_markdown_artifact("\n".join(lines), key=f"{key}-metrics", description="phpn metrics")
+    png = Path(metrics["report"]).parent / "report_png" / "class-000-heatmaps.png" if metrics.get("report") else None
+    if png is not None and png.is_file():
+        import base64
+
+        data = base64.b64encode(png.read_bytes()).decode()
+        create_markdown_artifact(f"# Prototype heatmaps, class 0\n\n![class 0 heatmaps](data:image/png;base64,{data})\n\n"
+                                 f"File: `{png}`", key=f"{key}-heatmaps", description="prototype heatmaps (class 0)")

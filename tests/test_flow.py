@@ -109,6 +109,41 @@ def test_store_and_registry_on_s3(phpn_runtime, tmp_path, s3_bucket):
     assert [e.entry_id for e in entries] == [m["entry_id"]]
 
 
+def test_sweep_runs_every_config_and_summarises(phpn_runtime, tmp_path):
+    from flows.sweep import sweep_flow
+    from phpn_core.config import SweepConfig
+
+    base = _cfg().model_dump()
+    sweep = SweepConfig.model_validate({"name": "sw", "max_concurrency": 2, "base": base,
+                                        "runs": [{"name": "a", "decompose": {"k": 2}}, {"name": "b", "decompose": {"k": 3}}]})
+    rows = sweep_flow(sweep, str(tmp_path))
+    assert [r["name"] for r in rows] == ["a", "b"] and all(r["status"] == "ok" for r in rows)
+    assert [r["k"] for r in rows] == [2, 3] and all(r["max_abs_logit_diff"] <= 1e-4 for r in rows)
+    assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+
+
+def test_cli_help_and_registry_commands(phpn_runtime, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.decompose import decompose_flow
+
+    r = CliRunner().invoke(app, ["--help"])
+    assert r.exit_code == 0 and all(c in r.output for c in ("demo", "run", "sweep", "registry", "explain"))
+    m = decompose_flow(_cfg(name="cli"), str(tmp_path / "run"))
+    reg = str(tmp_path / "run" / "registry")
+    r = CliRunner().invoke(app, ["registry", "list", reg])
+    assert r.exit_code == 0 and "synthparts" in r.output
+    r = CliRunner().invoke(app, ["registry", "show", reg, m["entry_id"]])
+    assert r.exit_code == 0 and json.loads(r.output)["entry_id"] == m["entry_id"]
+    r = CliRunner().invoke(app, ["registry", "show", reg, "../evil"])
+    assert r.exit_code == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("decompose: {k: 0}\nunknown_section: 1\n")
+    r = CliRunner().invoke(app, ["run", str(bad), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("over, match", [
     ({"decompose": {"k": 0}}, r"decompose\.k"),
     ({"decompose": {"kk": 3}}, r"decompose\.kk: unknown key; allowed keys here: .*\bk\b"),
