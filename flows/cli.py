@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,19 @@ def _summary(metrics: dict, out: Path, t0: float) -> None:
     console.print(f"wall time {time.perf_counter() - t0:.1f} s")
 
 
+def _run_and_summarise(make_config, out: Path, ray_address: Optional[str]) -> None:
+    """Build the config (``make_config(load_config)``), run it, print the summary; phpn errors exit 2."""
+    from phpn_core.config import load_config
+    from phpn_core.errors import PhpnError
+
+    t0 = time.perf_counter()
+    try:
+        metrics = _run(make_config(load_config), out, ray_address)
+    except PhpnError as e:
+        _fail(str(e))
+    _summary(metrics, out, t0)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory (features/, registry/, report.html)"),
@@ -63,16 +75,8 @@ def demo(
     k: int = typer.Option(3, "--k", min=1, help="prototypes per class"),
 ) -> None:
     """Synthparts end to end: train the CNN, extract, decompose through Ray, publish, evaluate, report."""
-    from phpn_core.config import load_config
-    from phpn_core.errors import PhpnError
-
-    t0 = time.perf_counter()
-    try:
-        cfg = load_config(None, name="demo", model={"train_epochs": 12}, decompose={"k": k})
-        metrics = _run(cfg, out, ray_address)
-    except PhpnError as e:
-        _fail(str(e))
-    _summary(metrics, out, t0)
+    _run_and_summarise(lambda load: load(None, name="demo", model={"train_epochs": 12}, decompose={"k": k}),
+                       out, ray_address)
 
 
 @app.command()
@@ -82,16 +86,7 @@ def run(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster"),
 ) -> None:
     """Decompose the classifier a YAML config describes (validated before any compute starts)."""
-    from phpn_core.config import load_config
-    from phpn_core.errors import PhpnError
-
-    t0 = time.perf_counter()
-    try:
-        cfg = load_config(config)
-        metrics = _run(cfg, out, ray_address)
-    except PhpnError as e:
-        _fail(str(e))
-    _summary(metrics, out, t0)
+    _run_and_summarise(lambda load: load(config), out, ray_address)
 
 
 @app.command()

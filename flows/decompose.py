@@ -111,7 +111,7 @@ def _decompose(cfg, out_dir, t0, log, out, features_root, registry_uri, remote_o
     log.info("decomposition: %d classes computed, %d reused, %d shards in %.1f s",
              len(computed), C - len(computed), len(shards), t_fan)
 
-    info = publish_entry(registry_uri=registry_uri, linear_uri=linear_uri, entry_id=entry_id, n_classes=C,
+    publish_entry(registry_uri=registry_uri, linear_uri=linear_uri, entry_id=entry_id, n_classes=C,
                          metadata={"config": json.loads(cfg.model_dump_json()), "run": cfg.name,
                                    "features": {"train": train["uri"], "train_fingerprint": train["fingerprint"],
                                                 "test": test["uri"], "test_fingerprint": test["fingerprint"]},

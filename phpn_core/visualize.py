@@ -76,6 +76,22 @@ def _as_numpy(x: Any, name: str) -> np.ndarray:
     )
 
 
+def _bar_values(contributions, labels) -> tuple[list[str], list[float]]:
+    """Validated bar labels and values of one contribution vector ``[k]`` (shared by both chart renderers)."""
+    v = _as_numpy(contributions, "contributions")
+    if v.ndim != 1 or v.shape[0] < 1:
+        raise ShapeError(
+            f"contributions must be one vector [k]; got shape {list(v.shape)}. Fix: index the explanation, e.g. "
+            "ex.contributions[b, c]."
+        )
+    v = v.astype(np.float64)
+    k = v.shape[0]
+    names = list(labels) if labels is not None else [f"p{i}" for i in range(k)]
+    if len(names) != k:
+        raise ShapeError(f"labels must hold k={k} labels; got {len(names)}.")
+    return names, [float(x) for x in v]
+
+
 def _image_hwc(image: Any, name: str = "image") -> np.ndarray:
     """A tensor ``[3, S, S]`` (channels first) or an array ``[S, S, 3]`` / ``[3, S, S]``, in [0, 1] (or uint8)
     -> new float32 ``[S, S, 3]`` clipped to [0, 1]."""
@@ -365,25 +381,15 @@ def bar_panel(
     """
     from PIL import Image, ImageDraw
 
-    v = _as_numpy(contributions, "contributions")
-    if v.ndim != 1 or v.shape[0] < 1:
-        raise ShapeError(
-            f"contributions must be one vector [k]; got shape {list(v.shape)}. Fix: index the explanation, e.g. "
-            "ex.contributions[b, c]."
-        )
-    v = v.astype(np.float64)
-    k = v.shape[0]
-    names = list(labels) if labels is not None else [f"p{i}" for i in range(k)]
-    if len(names) != k:
-        raise ShapeError(f"labels must hold k={k} labels; got {len(names)}.")
-    values = [float(x) for x in v]
+    names, values = _bar_values(contributions, labels)
+    contrib_sum = sum(values)
     colours = [POSITIVE_COLOUR if x >= 0 else NEGATIVE_COLOUR for x in values]
     if bias is not None:
         names.append("bias")
         values.append(float(bias))
         colours.append(BIAS_COLOUR)
     if logit is None:
-        logit = float(v.sum() + (float(bias) if bias is not None else 0.0))
+        logit = contrib_sum + (float(bias) if bias is not None else 0.0)
     W, H = (int(size[0]), int(size[1]))
     im = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(im)
@@ -578,25 +584,15 @@ def plot_contributions(
 
     Positive bars are blue, negative bars red; every bar carries its value. Returns a Figure.
     """
-    v = _as_numpy(contributions, "contributions")
-    if v.ndim != 1 or v.shape[0] < 1:
-        raise ShapeError(
-            f"contributions must be one vector [k]; got shape {list(v.shape)}. Fix: index the explanation, e.g. "
-            "ex.contributions[b, c]."
-        )
-    v = v.astype(np.float64)
-    k = v.shape[0]
-    names = list(labels) if labels is not None else [f"p{i}" for i in range(k)]
-    if len(names) != k:
-        raise ShapeError(f"labels must hold k={k} labels; got {len(names)}.")
-    values = list(v)
+    names, values = _bar_values(contributions, labels)
+    contrib_sum = sum(values)
     colours = [POSITIVE_COLOUR if x >= 0 else NEGATIVE_COLOUR for x in values]
     if bias is not None:
         names.append("bias")
         values.append(float(bias))
         colours.append(BIAS_COLOUR)
     if logit is None:
-        logit = float(v.sum() + (float(bias) if bias is not None else 0.0))
+        logit = contrib_sum + (float(bias) if bias is not None else 0.0)
     if ax is None:
         fig = new_figure(width_px, height_px, dpi=dpi)
         ax = fig.add_subplot(1, 1, 1)
