@@ -23,7 +23,7 @@ def prepare_model(cfg: RunConfig, out_dir: str) -> dict:
     ckpt = cfg.model.checkpoint
     trained = False
     if cfg.model.arch == "synthparts_cnn" and ckpt is None:
-        from phpn_core.models import evaluate_accuracy, save_model, train_synthparts_cnn
+        from phpn_core.models import save_model, train_synthparts_cnn
 
         path = Path(out_dir) / "model" / "synthparts_cnn.safetensors"
         if not path.is_file():
