@@ -62,20 +62,20 @@ def decompose_flow(cfg: RunConfig, out_dir: str) -> dict:
     Writes ``out_dir/features/``, ``out_dir/registry/`` (unless the config points elsewhere),
     ``out_dir/report.html`` and ``out_dir/metrics.json``; returns the metrics.
     """
+    t0 = time.perf_counter()
+    with tags("phpn", f"model:{cfg.model.arch}", f"dataset:{cfg.dataset.kind}", f"k:{cfg.decompose.k}", f"run:{cfg.name}"):
+        return _decompose(cfg, out_dir, t0)
+
+
+def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     from prefect_ray.context import remote_options
 
-    t0 = time.perf_counter()
     log = get_run_logger()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     features_root = cfg.storage.features_uri or str(out / "features")
     registry_uri = cfg.storage.registry_uri or str(out / "registry")
 
-    with tags("phpn", f"model:{cfg.model.arch}", f"dataset:{cfg.dataset.kind}", f"k:{cfg.decompose.k}", f"run:{cfg.name}"):
-        return _decompose(cfg, out_dir, t0, log, out, features_root, registry_uri, remote_options)
-
-
-def _decompose(cfg, out_dir, t0, log, out, features_root, registry_uri, remote_options) -> dict:
     model_rec = prepare_model(cfg, out_dir)
     train = extract_split(cfg, model_rec, "train", f"{features_root}/train.zarr")
     test = extract_split(cfg, model_rec, "test", f"{features_root}/test.zarr")

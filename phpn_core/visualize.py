@@ -76,8 +76,9 @@ def _as_numpy(x: Any, name: str) -> np.ndarray:
     )
 
 
-def _bar_values(contributions, labels) -> tuple[list[str], list[float]]:
-    """Validated bar labels and values of one contribution vector ``[k]`` (shared by both chart renderers)."""
+def _bars(contributions, labels, bias, logit) -> tuple[list[str], list[float], list, float]:
+    """Labels, values, colours (bias bar appended when given) and the logit (default: contributions + bias) of one
+    contribution vector ``[k]``, validated; shared by both chart renderers."""
     v = _as_numpy(contributions, "contributions")
     if v.ndim != 1 or v.shape[0] < 1:
         raise ShapeError(
@@ -89,7 +90,15 @@ def _bar_values(contributions, labels) -> tuple[list[str], list[float]]:
     names = list(labels) if labels is not None else [f"p{i}" for i in range(k)]
     if len(names) != k:
         raise ShapeError(f"labels must hold k={k} labels; got {len(names)}.")
-    return names, [float(x) for x in v]
+    values = [float(x) for x in v]
+    colours = [POSITIVE_COLOUR if x >= 0 else NEGATIVE_COLOUR for x in values]
+    if logit is None:
+        logit = sum(values) + (float(bias) if bias is not None else 0.0)
+    if bias is not None:
+        names.append("bias")
+        values.append(float(bias))
+        colours.append(BIAS_COLOUR)
+    return names, values, colours, logit
 
 
 def _image_hwc(image: Any, name: str = "image") -> np.ndarray:
@@ -381,15 +390,7 @@ def bar_panel(
     """
     from PIL import Image, ImageDraw
 
-    names, values = _bar_values(contributions, labels)
-    contrib_sum = sum(values)
-    colours = [POSITIVE_COLOUR if x >= 0 else NEGATIVE_COLOUR for x in values]
-    if bias is not None:
-        names.append("bias")
-        values.append(float(bias))
-        colours.append(BIAS_COLOUR)
-    if logit is None:
-        logit = contrib_sum + (float(bias) if bias is not None else 0.0)
+    names, values, colours, logit = _bars(contributions, labels, bias, logit)
     W, H = (int(size[0]), int(size[1]))
     im = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(im)
@@ -584,15 +585,7 @@ def plot_contributions(
 
     Positive bars are blue, negative bars red; every bar carries its value. Returns a Figure.
     """
-    names, values = _bar_values(contributions, labels)
-    contrib_sum = sum(values)
-    colours = [POSITIVE_COLOUR if x >= 0 else NEGATIVE_COLOUR for x in values]
-    if bias is not None:
-        names.append("bias")
-        values.append(float(bias))
-        colours.append(BIAS_COLOUR)
-    if logit is None:
-        logit = contrib_sum + (float(bias) if bias is not None else 0.0)
+    names, values, colours, logit = _bars(contributions, labels, bias, logit)
     if ax is None:
         fig = new_figure(width_px, height_px, dpi=dpi)
         ax = fig.add_subplot(1, 1, 1)

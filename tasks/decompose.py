@@ -24,7 +24,6 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
     Classes the registry already holds for this entry are skipped: the staged class objects are the cache,
     keyed by (entry id = config digest, class), so a re-run recomputes only what is missing.
     """
-    import torch
 
     from phpn_core import decompose_head
     from phpn_core.registry import PrototypeRegistry
@@ -38,9 +37,6 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
               **worker_identity()}
     if not todo:
         return {**record, "seconds": round(time.perf_counter() - t0, 3), "max_head_error": None}
-    threads = max(1, int(round(float(__import__("os").environ.get("PHPN_TASK_THREADS", "0")) or 0)))
-    if threads > 1:
-        torch.set_num_threads(threads)
     store = FeatureStore.open(features_uri)
     linear, _ = read_tensors(linear_uri)
     dev = pick_device(device)
