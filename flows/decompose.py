@@ -47,6 +47,30 @@ def _cluster_has_gpus() -> bool:
         return False
 
 
+SHARD_PIN_AMOUNT = 0.001  # a sliver of a node's custom resource: pins the shard there without limiting concurrency
+
+
+def _shard_pins(names: list[str], n_shards: int) -> list[str | None]:
+    """Round-robin custom-resource pin per shard (``compute.shard_resources``); None everywhere when unset.
+
+    A resource no node offers would leave its shards pending forever, so it is refused here.
+    """
+    if not names:
+        return [None] * n_shards
+    import ray
+
+    offered = ray.cluster_resources() if ray.is_initialized() else {}
+    missing = [r for r in names if offered.get(r, 0) <= 0]
+    if missing:
+        from phpn_core.errors import ConfigError
+
+        raise ConfigError(
+            f"compute.shard_resources names Ray resources no node offers: {missing}; the cluster offers "
+            f"{sorted(k for k in offered if not k.startswith('node:'))}. Start nodes with "
+            "`ray start --resources '{\"NAME\": 1}'` or drop compute.shard_resources.")
+    return [names[i % len(names)] for i in range(n_shards)]
+
+
 def _entry_id(cfg: RunConfig, model_rec: dict) -> str:
     from phpn_core.registry import PrototypeRegistry
 
@@ -95,13 +119,14 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
         resources["num_gpus"] = cfg.compute.gpus_per_task
     progress_id = create_progress_artifact(progress=0.0, key=None, description=f"shards of {entry_id} done")
     t_fan = time.perf_counter()
-    with remote_options(**resources):
-        futures = [
-            decompose_shard.submit(features_uri=f"{features_root}/train.zarr", registry_uri=registry_uri,
-                                   linear_uri=linear_uri, entry_id=entry_id, classes=shard, k=dec.k, seed=dec.seed,
-                                   options=options, device=cfg.compute.device, label=label)
-            for shard in shards
-        ]
+    pins = _shard_pins(cfg.compute.shard_resources, len(shards))
+    futures = []
+    for shard, pin in zip(shards, pins):
+        with remote_options(**resources, **({"resources": {pin: SHARD_PIN_AMOUNT}} if pin else {})):
+            futures.append(decompose_shard.submit(
+                features_uri=f"{features_root}/train.zarr", registry_uri=registry_uri, linear_uri=linear_uri,
+                entry_id=entry_id, classes=shard, k=dec.k, seed=dec.seed, options=options,
+                device=cfg.compute.device, label=label))
     records = []
     for fut in as_completed(futures):
         records.append(fut.result())
@@ -126,7 +151,8 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     metrics.update({"n_classes": C, "k": dec.k, "entry_id": entry_id, "registry": registry_uri,
                     "classes_computed": len(computed), "classes_reused": C - len(computed),
                     "decomposition_seconds": round(t_fan, 3),
-                    "shard_workers": sorted({f"{r['host']}:{r['pid']}" for r in records})})
+                    "shard_workers": sorted({f"{r['host']}:{r['pid']}" for r in records}),
+                    "shard_pins": [p for p in pins if p]})
     if cfg.evaluate.report:
         metrics["report"] = build_report_task(cfg=cfg, model_rec=model_rec, registry_uri=registry_uri,
                                               entry_id=entry_id, train_features_uri=f"{features_root}/train.zarr",

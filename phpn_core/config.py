@@ -91,6 +91,12 @@ class ComputeConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=64, ge=1)
     feature_dtype: Literal["float16", "float32"] = "float32"
+    shard_resources: list[str] = Field(
+        default_factory=list,
+        description="Ray custom resources to pin decomposition shards to, round-robin (shard i needs a "
+                    "sliver of shard_resources[i % len]); [] = no pinning. Start each node with its own "
+                    "resource, e.g. `ray start --resources '{\"node_b\": 1}'`",
+    )
 
 
 class StorageConfig(_Frozen):
