@@ -91,6 +91,8 @@ class ComputeConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=64, ge=1)
     feature_dtype: Literal["float16", "float32"] = "float32"
+    feature_compression: Literal["zstd", "lz4", "none"] = Field(
+        default="zstd", description="feature-chunk compression (zstd level 1; lz4; none: fastest writes)")
     shard_resources: list[str] = Field(
         default_factory=list,
         description="Ray custom resources to pin decomposition shards to, round-robin (shard i needs a "

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from phpn_core.data.base import normalize
 from phpn_core.errors import InputValueError, SchemaMismatchError, ShapeError
-from phpn_core.store import FeatureSchema, FeatureStore
+from phpn_core.store import Compression, FeatureSchema, FeatureStore
 
 __all__ = [
     "ChunkWritten",
@@ -370,6 +370,7 @@ def extract_features(
     overwrite: bool = False,
     progress: bool = True,
     on_chunk: Callable[[ChunkWritten], None] | None = None,
+    compression: Compression = "zstd",
 ) -> ExtractionResult:
     """Extract ``features(normalize(image))`` for every image of ``dataset`` into the feature store at ``uri``.
 
@@ -398,6 +399,7 @@ def extract_features(
         storage_options: s3fs options for ``s3://`` URIs (None: from the environment).
         overwrite: delete whatever is at ``uri`` first.
         progress: show a progress bar (rich, on stderr).
+        compression: feature-chunk compression of a new store, see :data:`phpn_core.store.COMPRESSIONS`.
         on_chunk: called in the calling thread with a :class:`ChunkWritten` after each chunk is written and marked
             done. An exception it raises stops the extraction (chunks already written stay done).
 
@@ -455,7 +457,7 @@ def extract_features(
     kp_shape = (len(schema.part_names), 3) if schema.part_names else None
     store = FeatureStore.create(
         uri, schema, labels=labels, image_ids=ids, keypoints_shape=kp_shape, images_per_chunk=images_per_chunk,
-        storage_options=storage_options, overwrite=overwrite,
+        storage_options=storage_options, overwrite=overwrite, compression=compression,
     )
     missing = store.missing_chunks()
     todo = missing if chunks is None else _select_chunks(chunks, missing, store.n_chunks)

@@ -53,18 +53,20 @@ class SynthPartsCNN(nn.Module):
     ``forward(x [B, in_channels, S, S], normalised) -> logits [B, C]``.
     """
 
-    def __init__(self, n_classes: int, *, width: int = 128, in_channels: int = 3) -> None:
+    def __init__(self, n_classes: int, *, width: int = 128, in_channels: int = 3, stride: int = 16) -> None:
         super().__init__()
+        if stride not in (8, 16):
+            raise InputValueError(f"stride must be 8 or 16, got {stride!r}; 8 gives a finer map (14x14 at 112 px)")
         _check_pos_int("n_classes", n_classes, "pass the dataset's number of classes, e.g. len(ds.classes)")
         _check_pos_int("in_channels", in_channels, "pass 3 for RGB images")
         _check_pos_int("width", width, "pass a multiple of 4, e.g. width=128")
         if width % 4:
             raise InputValueError(f"width must be a multiple of 4, got {width}; e.g. width=64 or width=128")
-        self.n_classes, self.width, self.in_channels = n_classes, width, in_channels
+        self.n_classes, self.width, self.in_channels, self.stride = n_classes, width, in_channels, stride
         self.features = nn.Sequential(  # ends with ReLU: output >= 0
             *_block(in_channels, width // 4, kernel=4, stride=4, padding=0),
             *_block(width // 4, width // 2, kernel=3, stride=2, padding=1),
-            *_block(width // 2, width, kernel=3, stride=2, padding=1),
+            *_block(width // 2, width, kernel=3, stride=stride // 8, padding=1),
             *_block(width, width, kernel=1, stride=1, padding=0),
         )
         self.classifier = nn.Linear(width, n_classes)
@@ -108,6 +110,7 @@ def train_synthparts_cnn(
     batch_size: int = 32,
     lr: float = 4e-3,
     width: int = 128,
+    stride: int = 16,
     augment: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -156,7 +159,7 @@ def train_synthparts_cnn(
 
     with torch.random.fork_rng(devices=[]):  # weight init from `seed` without touching the caller's RNG
         torch.manual_seed(seed)
-        model = SynthPartsCNN(len(train_ds.classes), width=width, in_channels=images.shape[1])
+        model = SynthPartsCNN(len(train_ds.classes), width=width, in_channels=images.shape[1], stride=stride)
     model.to(device)
     gen = torch.Generator().manual_seed(seed)  # shuffling
     steps_per_epoch = (n + batch_size - 1) // batch_size
@@ -265,7 +268,8 @@ def save_model(model: SynthPartsCNN, path: str | os.PathLike) -> None:
         )
     meta = {
         "format": _FORMAT,
-        "config": json.dumps({"n_classes": model.n_classes, "width": model.width, "in_channels": model.in_channels}),
+        "config": json.dumps({"n_classes": model.n_classes, "width": model.width, "in_channels": model.in_channels,
+                             "stride": model.stride}),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
@@ -295,6 +299,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
             f"it was not written by phpn_core.models.save_model"
         )
     cfg = json.loads(meta["config"])
-    model = SynthPartsCNN(int(cfg["n_classes"]), width=int(cfg["width"]), in_channels=int(cfg["in_channels"]))
+    model = SynthPartsCNN(int(cfg["n_classes"]), width=int(cfg["width"]), in_channels=int(cfg["in_channels"]),
+                          stride=int(cfg.get("stride", 16)))  # files from before the option: stride 16
     model.load_state_dict(state)
     return model.to(device).eval()

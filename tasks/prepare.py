@@ -63,5 +63,88 @@ def extract_split(cfg: RunConfig, model_rec: dict, split: str, uri: str) -> dict
         features, ds, uri, model=model_rec["arch"], checkpoint_digest=model_rec["digest"], split=split,
         input_size=cfg.dataset.image_size, dataset_name=cfg.dataset.kind, dtype=cfg.compute.feature_dtype,
         batch_size=cfg.compute.batch_size, device=pick_device(cfg.compute.device), progress=True,
+        compression=cfg.compute.feature_compression,
     )
     return res.record()
+
+
+def check_inputs(cfg: RunConfig) -> dict:
+    """Everything about the inputs that can be checked before any compute (no training, extraction or
+    decomposition); raises a :class:`~phpn_core.errors.PhpnError` that names the file / class / tensor at fault:
+
+    - the checkpoint loads into ``cfg.model.arch`` (another architecture, a pickled object, a truncated file are
+      refused, nothing unpickled) and holds only finite numbers (NaN weights would give NaN features);
+    - every image of a file-backed dataset (``on_error="raise"``) decodes: truncated, corrupt or over-limit
+      ("huge") files are listed (grayscale and other modes are converted, not refused);
+    - every class has enough feature rows for k prototypes: ``k <= min(n_c * H * W, D)``, with ``H, W, D`` from one
+      forward pass of the model on a blank image.
+
+    Returns a small record (``n_classes``, ``feature_shape``, ``min_class_images``). Called by the decompose flow in
+    the driver before its first task."""
+    import torch
+
+    from phpn_core.data.factory import build_dataset
+    from phpn_core.data.images import ImageLoadError, find_unreadable
+    from phpn_core.errors import InputValueError
+    from phpn_core.modelspec import CheckpointError, ModelSpec, build_model
+    from phpn_core.backbones import split_classifier
+
+    train = build_dataset(cfg.dataset, "train")
+    paths = _image_paths(train)
+    if paths is not None and cfg.dataset.on_error == "raise":
+        test = build_dataset(cfg.dataset, "test")
+        test_paths = _image_paths(test) or []
+        bad = find_unreadable([*paths, *test_paths])
+        if bad:
+            all_paths = [*paths, *test_paths]
+            shown = "; ".join(bad[i] for i in sorted(bad)[:5])
+            raise ImageLoadError(
+                f"{len(bad)} of {len(all_paths)} images under dataset.root={cfg.dataset.root!r} cannot be used: "
+                f"{shown}{' ...' if len(bad) > 5 else ''}. Expected complete, readable images. Fix: replace or "
+                "remove those files, or set dataset.on_error: skip to leave them out.",
+                path=all_paths[min(bad)],
+            )
+    labels = [int(x) for x in (train.labels.tolist() if hasattr(train.labels, "tolist") else train.labels)]
+    C = cfg.model.num_classes or len(train.classes)
+    spec = ModelSpec(arch=cfg.model.arch, checkpoint=cfg.model.checkpoint, num_classes=C,
+                     input_size=cfg.dataset.image_size)
+    model = build_model(spec)  # CheckpointError for another architecture, a pickle, a truncated file
+    bad_tensors = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad_tensors:
+        raise CheckpointError(
+            f"Checkpoint {cfg.model.checkpoint!r} holds NaN/inf in {len(bad_tensors)} tensors "
+            f"({', '.join(bad_tensors[:5])}{' ...' if len(bad_tensors) > 5 else ''}): expected finite weights; "
+            "its features would be NaN. Fix: use a checkpoint from before the training diverged."
+        )
+    features, _, _ = split_classifier(model)
+    S = cfg.dataset.image_size
+    with torch.inference_mode():
+        fmap = features(torch.zeros(1, 3, S, S))
+    _, D, H, W = fmap.shape
+    counts = [labels.count(c) for c in range(C)]
+    k = cfg.decompose.k
+    if k > D:
+        raise InputValueError(
+            f"decompose.k={k} is larger than the model's {D} feature channels ({cfg.model.arch}): expected "
+            f"k <= {D}. Fix: set decompose.k to at most {D}."
+        )
+    short = [(c, n) for c, n in enumerate(counts) if n * H * W < k]
+    if short:
+        names = list(getattr(train, "classes", range(C)))
+        shown = ", ".join(f"class {c} ({names[c] if c < len(names) else c!r}): {n} images" for c, n in short[:5])
+        raise InputValueError(
+            f"{len(short)} classes have too few training images for decompose.k={k}: each image gives {H}x{W} = "
+            f"{H * W} feature rows and k prototypes need at least k rows, so a class needs at least "
+            f"{-(-k // (H * W))} images; got {shown}{' ...' if len(short) > 5 else ''}. Fix: add images to those "
+            f"classes, or lower decompose.k to at most {min(n for _, n in short) * H * W}."
+        )
+    return {"n_classes": C, "feature_shape": [int(H), int(W), int(D)], "min_class_images": min(counts)}
+
+
+def _image_paths(ds) -> list[Path] | None:
+    """The image files of a file-backed dataset (CUB, ImageFolder), None for generated/array datasets."""
+    if hasattr(ds, "_path") and hasattr(ds, "cub_ids"):
+        return [Path(ds._path(i)) for i in range(len(ds))]
+    if hasattr(ds, "image_ids") and isinstance(getattr(ds, "root", None), Path) and hasattr(ds, "extensions"):
+        return [ds.root / rid for rid in ds.image_ids]
+    return None

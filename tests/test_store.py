@@ -96,6 +96,28 @@ def test_round_trip_local(tmp_path, dtype):
     assert half.dtype == torch.float16
 
 
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
+def test_every_compression_round_trips_and_is_recorded(tmp_path, compression):
+    import zarr
+
+    n, C = 23, 3
+    labels, ids, feats, kps = make_data(n, C, n_parts=2)
+    schema = make_schema(n, C, parts=["a", "b"])
+    store = FeatureStore.create(tmp_path / "fs", schema, labels=labels, image_ids=ids, keypoints_shape=2,
+                                images_per_chunk=4, compression=compression)
+    fill(store, feats, kps)
+    check_round_trip(FeatureStore.open(tmp_path / "fs"), schema, labels, ids, feats, kps)
+    codecs = zarr.open_array(tmp_path / "fs" / "features", mode="r").compressors
+    assert len(codecs) == (0 if compression == "none" else 1)
+    # A resume keeps the store's own compression whatever the caller asks for now.
+    again = FeatureStore.create(tmp_path / "fs", schema, labels=labels, image_ids=ids, keypoints_shape=2,
+                                compression="none" if compression != "none" else "zstd")
+    assert again.missing_chunks() == []
+    assert zarr.open_array(tmp_path / "fs" / "features", mode="r").compressors == codecs
+    with pytest.raises(InputValueError, match=r"compression must be one of .*got 'gzip'"):
+        FeatureStore.create(tmp_path / "other", schema, labels=labels, image_ids=ids, compression="gzip")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_round_trip_s3(s3_server, s3_bucket, dtype):
     n, C = 14, 3

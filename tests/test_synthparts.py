@@ -255,11 +255,13 @@ def test_cnn_features_nonnegative_7x7():
         assert f.shape == (2, 128, 7, 7) and (f >= 0).all()
         assert torch.allclose(m(x), m.classifier(f.mean(dim=(2, 3))))
     assert SynthPartsCNN(3, width=64).features(torch.randn(1, 3, 64, 64)).shape == (1, 64, 4, 4)
+    assert SynthPartsCNN(3, width=64, stride=8).features(torch.randn(1, 3, 112, 112)).shape == (1, 64, 14, 14)
 
 
 @pytest.mark.parametrize(
     "args, kwargs, match",
-    [((0,), {}, "n_classes must be an int >= 1"), ((4,), {"width": 66}, "multiple of 4"), ((4,), {"width": 0}, ">= 1")],
+    [((0,), {}, "n_classes must be an int >= 1"), ((4,), {"width": 66}, "multiple of 4"), ((4,), {"width": 0}, ">= 1"),
+     ((4,), {"stride": 4}, "stride must be 8 or 16")],
 )
 def test_cnn_bad_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -271,16 +273,17 @@ def test_cnn_rejects_wrong_input_shape():
         SynthPartsCNN(2)(torch.rand(3, 112, 112))
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("stride", [8, 16])
+def test_save_load_round_trip(tmp_path, stride):
     torch.manual_seed(1)
-    m = SynthPartsCNN(5, width=64)
+    m = SynthPartsCNN(5, width=64, stride=stride)
     m.train()
     m(torch.randn(4, 3, 64, 64))  # move BN running stats away from their init
     m.eval()
     path = tmp_path / "sub" / "model.safetensors"
     save_model(m, path)
     m2 = load_model(path)
-    assert (m2.n_classes, m2.width, m2.in_channels) == (5, 64, 3) and not m2.training
+    assert (m2.n_classes, m2.width, m2.in_channels, m2.stride) == (5, 64, 3, stride) and not m2.training
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(m(x), m2(x))
