@@ -21,7 +21,7 @@ from prefect_ray import RayTaskRunner
 from phpn_core.config import RunConfig
 from tasks.decompose import decompose_shard, publish_entry
 from tasks.evaluate import build_report_task, evaluate_parity, evaluate_protoeval
-from tasks.prepare import extract_split, prepare_model
+from tasks.prepare import check_inputs, extract_split, prepare_model
 
 METRIC_KEYS = ("accuracy_original", "accuracy_decomposed", "max_abs_logit_diff", "max_head_reconstruction_error",
                "consistency", "stability", "n_classes", "k", "seconds")
@@ -100,6 +100,7 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     features_root = cfg.storage.features_uri or str(out / "features")
     registry_uri = cfg.storage.registry_uri or str(out / "registry")
 
+    check_inputs(cfg)  # in the driver, before any compute: bad checkpoints, images, too-small classes refused here
     model_rec = prepare_model(cfg, out_dir)
     train = extract_split(cfg, model_rec, "train", f"{features_root}/train.zarr")
     test = extract_split(cfg, model_rec, "test", f"{features_root}/test.zarr")
@@ -114,7 +115,8 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     dec = cfg.decompose
     options = {"normalization": dec.normalization, "target": dec.target, "refine_ridge": dec.refine_ridge,
                "refine_iter": dec.refine_iter, "nmf_options": dec.nmf_options()}
-    resources = {"num_cpus": cfg.compute.cpus_per_task}
+    # max_retries: Ray re-runs a shard whose worker process died (SIGKILL, OOM, node loss); staging is idempotent.
+    resources = {"num_cpus": cfg.compute.cpus_per_task, "max_retries": 3}
     if cfg.compute.gpus_per_task > 0 and _cluster_has_gpus():
         resources["num_gpus"] = cfg.compute.gpus_per_task
     progress_id = create_progress_artifact(progress=0.0, key=None, description=f"shards of {entry_id} done")

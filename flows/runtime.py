@@ -79,7 +79,7 @@ def ray_runtime(*, address: str | None, num_cpus: int | None, api_url: str) -> I
         return
     env = {"PREFECT_API_URL": api_url, **{k: os.environ[k] for k in QUIET_PREFECT_ENV if k in os.environ}}
     for k in ("PREFECT_LOGGING_TO_API_ENABLED", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_REGION", "AWS_DEFAULT_REGION", "PREFECT_HOME"):
+              "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "PREFECT_HOME", "PHPN_FAULT_DIR"):
         if k in os.environ:
             env[k] = os.environ[k]
     t = time.perf_counter()

@@ -7,7 +7,7 @@ import time
 from prefect.cache_policies import NO_CACHE
 from prefect import task
 
-from .common import pick_device, retry_on_io, worker_identity
+from .common import fault_point, pick_device, retry_on_io, worker_identity
 
 
 def shard_run_name(parameters: dict) -> str:
@@ -37,6 +37,7 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
               **worker_identity()}
     if not todo:
         return {**record, "seconds": round(time.perf_counter() - t0, 3), "max_head_error": None}
+    fault_point("shard")  # inert unless a test plants PHPN_FAULT_DIR/shard.hold
     store = FeatureStore.open(features_uri)
     linear, _ = read_tensors(linear_uri)
     dev = pick_device(device)

@@ -15,23 +15,7 @@ from phpn_core.errors import ConfigError, StoreError
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def phpn_runtime(s3_server, tmp_path_factory):
-    """Prefect test server + local Ray for the session; AWS_* point at moto so Ray workers reach S3 too."""
-    os.environ.update({"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                       "PREFECT_LOGGING_TO_API_ENABLED": "false"})
-    from flows.runtime import quiet_environment
-
-    quiet_environment(tmp_path_factory.mktemp("prefect-home"))
-    os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.runtime import runtime
-
-    with prefect_test_harness(server_startup_timeout=180):
-        with runtime(num_cpus=2) as rt:
-            yield rt
+# phpn_runtime (session: Prefect test server + local Ray + moto behind a pausable proxy) is in conftest.py.
 
 
 def _cfg(**over):
