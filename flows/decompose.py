@@ -100,7 +100,7 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     features_root = cfg.storage.features_uri or str(out / "features")
     registry_uri = cfg.storage.registry_uri or str(out / "registry")
 
-    check_inputs(cfg)  # in the driver, before any compute: bad checkpoints, images, too-small classes refused here
+    check_inputs(cfg, out_dir)  # in the driver, before any compute: bad checkpoints, images, too-small classes refused here
     model_rec = prepare_model(cfg, out_dir)
     train = extract_split(cfg, model_rec, "train", f"{features_root}/train.zarr")
     test = extract_split(cfg, model_rec, "test", f"{features_root}/test.zarr")

@@ -21,6 +21,11 @@ QUIET_PREFECT_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 
+# Settings (no secrets) a Ray job's workers get from the driver. PHPN_FAULT_DIR: the test-only fault hook
+# (tasks.common.fault_point), inert unless set.
+FORWARDED_ENV = ("PREFECT_LOGGING_TO_API_ENABLED", "PREFECT_HOME", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "AWS_REGION", "AWS_DEFAULT_REGION", "PHPN_FAULT_DIR")
+
 
 def quiet_environment(prefect_home: str | Path | None = None) -> None:
     """Set the quiet/fast defaults (before Prefect is imported); values already set by the user win."""
@@ -77,9 +82,12 @@ def ray_runtime(*, address: str | None, num_cpus: int | None, api_url: str) -> I
     if ray.is_initialized():
         yield address, False, 0.0
         return
+    # Never credentials: Ray records a job's runtime_env in its GCS and logs it in plain text
+    # (logs/runtime_env_agent.log, the dashboard's job table). A local Ray started here inherits this process's
+    # environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN included); the nodes of a remote
+    # cluster need their own credentials (environment of `ray start`, instance roles, ~/.aws).
     env = {"PREFECT_API_URL": api_url, **{k: os.environ[k] for k in QUIET_PREFECT_ENV if k in os.environ}}
-    for k in ("PREFECT_LOGGING_TO_API_ENABLED", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "PREFECT_HOME", "PHPN_FAULT_DIR"):
+    for k in FORWARDED_ENV:
         if k in os.environ:
             env[k] = os.environ[k]
     t = time.perf_counter()

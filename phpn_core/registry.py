@@ -30,7 +30,8 @@ Guarantees:
   complete version; the last pointer written wins and names one version whole. Superseded versions stay until
   :meth:`~PrototypeRegistry.prune` or :meth:`~PrototypeRegistry.delete`.
 - Loading never unpickles: every data object is safetensors. Entry ids are refused before any I/O unless they are
-  one plain name (:func:`phpn_core.uri.safe_join`). Metadata must be JSON and is stored redacted
+  one plain name (:func:`phpn_core.uri.safe_join`); locally, a path that resolves outside the root through a
+  symbolic link is refused too. Metadata must be JSON and is stored redacted
   (:func:`phpn_core.uri.redact`): credentials never reach the registry.
 """
 
@@ -409,7 +410,7 @@ class PrototypeRegistry:
 
     def exists(self, entry_id: str) -> bool:
         """True when ``entry_id`` is published (its pointer exists)."""
-        path = self._pointer(entry_id)
+        path = self._contained(self._pointer(entry_id))
         with self._io(f"look up entry {entry_id!r} in"):
             try:
                 self._fs.info(path)
@@ -497,7 +498,7 @@ class PrototypeRegistry:
         for v in self.versions(entry_id):
             if v == keep:
                 continue
-            vdir = self._version_dir(entry_id, v)
+            vdir = self._contained(self._version_dir(entry_id, v))
             with self._io(f"inspect version {v} of entry {entry_id!r} in"):
                 try:
                     infos = self._fs.ls(vdir, detail=True)
@@ -677,8 +678,25 @@ class PrototypeRegistry:
         with ThreadPoolExecutor(min(_MAX_REQUESTS, len(items))) as pool:
             return list(pool.map(fn, items))
 
+    def _contained(self, path: str) -> str:
+        """``path``, after checking that a local path resolves inside the registry's root: a symlink planted in the
+        registry (``entries -> /etc``) can never make it read, write or delete outside its root. (Names are already
+        plain components: :func:`safe_join`.) S3 keys have no links."""
+        if self._loc.is_remote:
+            return path
+        root = os.path.realpath(self._loc.path)
+        real = os.path.realpath(path)
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise RegistryError(
+                f"Refusing to use {path!r} in the registry at {self.uri}: it resolves to {real!r}, outside the "
+                f"registry root {root!r} (a symbolic link inside the registry points elsewhere). Expected every "
+                "registry path to stay under its root. Fix: remove the link and publish again."
+            )
+        return path
+
     def _put(self, path: str, data: bytes, action: str) -> None:
         """Write ``data`` to ``path`` atomically (whole or not at all)."""
+        self._contained(path)
         with self._io(action, write=True):
             if self._loc.is_remote:
                 self._fs.pipe_file(path, data)  # one PUT (multipart above 100 MiB): visible only when complete
@@ -686,6 +704,7 @@ class PrototypeRegistry:
                 _atomic_write_local(path, data)
 
     def _cat(self, path: str, action: str) -> bytes | None:
+        self._contained(path)
         with self._io(action):
             try:
                 return self._fs.cat_file(path)
@@ -695,6 +714,7 @@ class PrototypeRegistry:
                 return None
 
     def _ls_names(self, path: str, action: str) -> list[str]:
+        self._contained(path)
         with self._io(action):
             try:
                 listed = self._fs.ls(path, detail=False)
@@ -704,6 +724,7 @@ class PrototypeRegistry:
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in listed if p.rstrip("/") != prefix]
 
     def _rm(self, path: str, action: str, *, recursive: bool = False) -> bool:
+        self._contained(path)
         with self._io(action, write=True):
             try:
                 if not recursive:

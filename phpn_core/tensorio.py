@@ -39,17 +39,23 @@ def write_tensors(uri: str, tensors: Mapping[str, torch.Tensor], *, metadata: Ma
         else:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)  # whole or not at all
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
     except OSError as e:
         raise StoreError(f"could not write {redact(uri)}: {redact(str(e))}") from None
     return redact(uri)
 
 
 def read_tensors(uri: str, *, storage_options: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by :func:`write_tensors`: ``(tensors, metadata)``."""
-    from safetensors import safe_open
+    """Read a file written by :func:`write_tensors`: ``(tensors, metadata)``. Only safetensors is parsed (never a
+    pickle): anything else raises StoreError without running any of its content."""
     from safetensors.torch import load
 
     fs, path, _ = _fs(uri, storage_options)
@@ -59,12 +65,28 @@ def read_tensors(uri: str, *, storage_options: Mapping[str, Any] | None = None) 
         raise StoreError(f"no tensor file at {redact(uri)}; was the step that writes it run?") from None
     except OSError as e:
         raise StoreError(f"could not read {redact(uri)}: {redact(str(e))}") from None
-    tensors = load(blob)
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:  # metadata is only exposed via safe_open
-        tmp.write(blob)
-        tmp.flush()
-        with safe_open(tmp.name, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("phpn", "{}"))
+    try:
+        meta = json.loads(_header(blob).get("__metadata__", {}).get("phpn", "{}"))
+        tensors = load(blob)
+    except Exception as e:
+        raise StoreError(
+            f"{redact(uri)} is not a phpn tensor file: expected safetensors written by write_tensors, got "
+            f"{len(blob)} bytes that do not parse ({type(e).__name__}). Nothing in it was run. Fix: re-run the step "
+            "that writes it (the flow rewrites it on the next run)."
+        ) from None
+    if not isinstance(meta, dict):
+        meta = {}
     return tensors, meta
+
+
+def _header(blob: bytes) -> dict:
+    """The JSON header of a safetensors blob (its ``__metadata__`` holds the string metadata)."""
+    if len(blob) < 8:
+        raise ValueError("too short for a safetensors header")
+    n = int.from_bytes(blob[:8], "little")
+    if n > len(blob) - 8 or n > 100_000_000:
+        raise ValueError("header length out of range")
+    header = json.loads(blob[8 : 8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header

@@ -68,7 +68,7 @@ def extract_split(cfg: RunConfig, model_rec: dict, split: str, uri: str) -> dict
     return res.record()
 
 
-def check_inputs(cfg: RunConfig) -> dict:
+def check_inputs(cfg: RunConfig, out_dir: str | None = None) -> dict:
     """Everything about the inputs that can be checked before any compute (no training, extraction or
     decomposition); raises a :class:`~phpn_core.errors.PhpnError` that names the file / class / tensor at fault:
 
@@ -78,6 +78,9 @@ def check_inputs(cfg: RunConfig) -> dict:
       ("huge") files are listed (grayscale and other modes are converted, not refused);
     - every class has enough feature rows for k prototypes: ``k <= min(n_c * H * W, D)``, with ``H, W, D`` from one
       forward pass of the model on a blank image.
+
+    - no symbolic link inside a local feature store or registry (``out_dir/features``, ``out_dir/registry`` or the
+      configured URIs) points outside its root (writes would land elsewhere).
 
     Returns a small record (``n_classes``, ``feature_shape``, ``min_class_images``). Called by the decompose flow in
     the driver before its first task."""
@@ -89,6 +92,11 @@ def check_inputs(cfg: RunConfig) -> dict:
     from phpn_core.modelspec import CheckpointError, ModelSpec, build_model
     from phpn_core.backbones import split_classifier
 
+    roots = [cfg.storage.features_uri or (out_dir and str(Path(out_dir) / "features")),
+             cfg.storage.registry_uri or (out_dir and str(Path(out_dir) / "registry"))]
+    for root in roots:
+        if root:
+            refuse_escaping_links(root)
     train = build_dataset(cfg.dataset, "train")
     paths = _image_paths(train)
     if paths is not None and cfg.dataset.on_error == "raise":
@@ -148,3 +156,29 @@ def _image_paths(ds) -> list[Path] | None:
     if hasattr(ds, "image_ids") and isinstance(getattr(ds, "root", None), Path) and hasattr(ds, "extensions"):
         return [ds.root / rid for rid in ds.image_ids]
     return None
+
+
+def refuse_escaping_links(uri: str) -> None:
+    """Raise StoreError when a symbolic link under the local store/registry root ``uri`` resolves outside it (S3
+    URIs and missing roots pass). The root itself may be a link (e.g. to a larger disk)."""
+    import os
+
+    from phpn_core.errors import StoreError
+    from phpn_core.uri import parse_uri
+
+    loc = parse_uri(uri)
+    if loc.is_remote or not os.path.isdir(loc.path):
+        return
+    root = os.path.realpath(loc.path)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in (*dirnames, *filenames):
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                real = os.path.realpath(p)
+                if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+                    rel = os.path.relpath(p, root)
+                    raise StoreError(
+                        f"{rel!r} under {loc.path!r} is a symbolic link to {real!r}, outside that root: expected "
+                        "every file of a feature store or registry to stay under its root (writes through the link "
+                        "would land elsewhere). Fix: remove the link, or point the config at the real location."
+                    )
