@@ -1,4 +1,4 @@
-"""The `phpn` command line: demo, run, sweep, explain, registry."""
+"""The `phpn` command line: demo, run, sweep, explain, registry, cluster."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ app = typer.Typer(help="phpn: post-hoc part-prototype networks at cluster scale.
                   add_completion=False, pretty_exceptions_enable=False)
 registry_app = typer.Typer(help="Inspect a prototype registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
+cluster_app = typer.Typer(help="A local cluster: Prefect server + worker, two Ray nodes (see infra/).",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
 console = Console(stderr=True)
 
 
@@ -170,6 +173,93 @@ def explain(
     except PhpnError as e:
         _fail(str(e))
     console.print(f"wrote {path}")
+
+
+_STATE_DIR_OPT = typer.Option(None, "--state-dir", envvar="PHPN_CLUSTER_DIR",
+                              help="PIDs, ports, logs, Prefect DB, Ray temp dir [default: ~/.phpn/cluster]")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    state_dir: Optional[Path] = _STATE_DIR_OPT,
+    port: int = typer.Option(4200, "--port", envvar="PHPN_PREFECT_PORT", help="Prefect server (and UI) port"),
+    ray_port: int = typer.Option(6379, "--ray-port", envvar="PHPN_RAY_PORT", help="Ray head (GCS) port"),
+    head_cpus: int = typer.Option(1, "--head-cpus", min=1, help="CPUs the Ray head offers"),
+    worker_cpus: int = typer.Option(1, "--worker-cpus", min=1, help="CPUs the second Ray node offers"),
+    pool: str = typer.Option("phpn-local", "--pool", help="process work pool the worker polls (infra/prefect.yaml)"),
+    timeout: float = typer.Option(240.0, "--timeout", min=1, help="seconds to wait for each component"),
+) -> None:
+    """Start a Prefect server on 127.0.0.1, a process worker, a Ray head and a second Ray node (resources
+    node_head / node_b); record them in the state dir. `phpn cluster down` stops exactly these."""
+    from flows.cluster import ClusterError, ClusterSpec, default_state_dir, up
+
+    spec = ClusterSpec(state_dir=state_dir or default_state_dir(), prefect_port=port, ray_port=ray_port,
+                       head_cpus=head_cpus, worker_cpus=worker_cpus, pool=pool, timeout_s=timeout)
+    try:
+        st = up(spec, echo=console.print)
+    except ClusterError as e:
+        _fail(str(e))
+    console.print(f"[bold green]cluster up[/] (state in {st.state_dir})")
+    console.print(f"Prefect UI:  {st.ui_url}")
+    console.print(f"Prefect API: {st.prefect_api_url}   work pool: {st.pool}")
+    console.print(f"Ray:         {st.ray_address} (2 nodes: node_head, node_b)")
+    console.print(f'Use it from a shell: eval "$(phpn cluster env --state-dir {st.state_dir})"')
+    print(f"UI: {st.ui_url}")
+
+
+@cluster_app.command("down")
+def cluster_down(
+    state_dir: Optional[Path] = _STATE_DIR_OPT,
+    grace: float = typer.Option(15.0, "--grace", min=0, help="seconds between SIGTERM and SIGKILL"),
+) -> None:
+    """Stop exactly the processes `phpn cluster up` recorded (their process groups and descendants)."""
+    from flows.cluster import down
+
+    res = down(state_dir, grace_s=grace)
+    if res.get("note"):
+        console.print(f"{res['note']} ({res['state_dir']})")
+    elif res["remaining"]:
+        _fail(f"processes still alive after SIGKILL: {res['remaining']}")
+    else:
+        console.print(f"cluster down: stopped {len(res['stopped'])} process(es) recorded in {res['state_dir']}")
+
+
+@cluster_app.command("status")
+def cluster_status(state_dir: Optional[Path] = _STATE_DIR_OPT,
+                   as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Which recorded processes are alive; Prefect health; alive Ray nodes. Exit 1 when not running."""
+    from flows.cluster import status
+
+    st = status(state_dir)
+    if as_json:
+        print(json.dumps(st, indent=2))
+    else:
+        table = Table(title=f"phpn cluster ({st['state_dir']})")
+        for col in ("process", "pid", "alive", "log"):
+            table.add_column(col)
+        for p in st["processes"]:
+            table.add_row(p["name"], str(p["pid"]), str(p["alive"]), p["log"])
+        Console().print(table)
+        if st["running"]:
+            console.print(f"UI {st['ui_url']}  prefect healthy: {st['prefect_healthy']}  ray nodes: {st['ray_nodes']}")
+        else:
+            console.print("not running")
+    if not st["running"]:
+        raise typer.Exit(1)
+
+
+@cluster_app.command("env")
+def cluster_env(state_dir: Optional[Path] = _STATE_DIR_OPT) -> None:
+    """Print `export` lines for PREFECT_API_URL, RAY_ADDRESS and the Ray auth token: eval "$(phpn cluster env)"."""
+    import shlex
+
+    from flows.cluster import ClusterState, client_env, default_state_dir
+
+    st = ClusterState.load(state_dir or default_state_dir())
+    if st is None:
+        _fail("no cluster recorded; start one with `phpn cluster up`.")
+    for k, v in client_env(st).items():
+        print(f"export {k}={shlex.quote(v)}")
 
 
 def main() -> None:  # pragma: no cover
