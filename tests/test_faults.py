@@ -296,3 +296,18 @@ def test_driver_killed_mid_flow_then_rerun_recomputes_only_unfinished(phpn_runti
     after = {c: (staging / f"class-{c:05d}.safetensors").stat().st_mtime_ns for c in first}
     assert after == before, "classes finished before the kill must not be recomputed"
     _assert_same_entry(_snapshot(str(out / "registry"), entry_id), reference["snapshot"])
+
+
+def test_sweep_load_small(phpn_runtime, tmp_path):
+    """bench/sweep_load.py's check at its smallest: 8 tiny configs into one registry, all entries correct, memory
+    measured (the bench prints the figures; here they only have to be sane)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_load", ROOT / "bench" / "sweep_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.run_sweep_load(tmp_path, n_configs=8, n_classes=2, concurrency=2)
+    assert res["entries_ok"], res["problems"]
+    assert res["configs"] == 8 and 0 < res["peak_driver_rss_mb"] <= res["peak_rss_mb"] < 16 * 1024, res
+    assert res["peak_processes"] > 3, "Ray's processes must be in the measured tree"
+    print(json.dumps(res))

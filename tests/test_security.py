@@ -104,13 +104,19 @@ def _prefect_records() -> tuple[str, int]:
     """Every log, artifact, flow run and task run the Prefect API holds, as one JSON text."""
     from prefect.client.orchestration import get_client
 
+    async def every(read_page):
+        out, offset = [], 0
+        while True:
+            page = await read_page(limit=200, offset=offset)  # the API's page size limit
+            out.extend(page)
+            if len(page) < 200:
+                return out
+            offset += len(page)
+
     async def read():
         async with get_client() as client:
-            logs = await client.read_logs(limit=10_000)
-            arts = await client.read_artifacts(limit=10_000)
-            flows = await client.read_flow_runs(limit=10_000)
-            tasks = await client.read_task_runs(limit=10_000)
-            return logs, arts, flows, tasks
+            return (await every(client.read_logs), await every(client.read_artifacts),
+                    await every(client.read_flow_runs), await every(client.read_task_runs))
 
     logs, arts, flows, tasks = asyncio.run(read())
     assert logs and arts and flows and tasks, "the run must have reported to the Prefect API"
