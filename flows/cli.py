@@ -78,7 +78,8 @@ def demo(
     k: int = typer.Option(3, "--k", min=1, help="prototypes per class"),
 ) -> None:
     """Synthparts end to end: train the CNN, extract, decompose through Ray, publish, evaluate, report."""
-    _run_and_summarise(lambda load: load(None, name="demo", model={"train_epochs": 12}, decompose={"k": k}),
+    _run_and_summarise(lambda load: load(None, name="demo", model={"train_epochs": 12},
+                                            decompose={"k": k, "target": "prototype"}),
                        out, ray_address)
 
 

@@ -36,6 +36,9 @@ class ModelConfig(_Frozen):
     checkpoint: str | None = None
     num_classes: int | None = Field(default=None, ge=1)
     train_epochs: int = Field(default=8, ge=1, description="synthparts_cnn only: epochs when training it")
+    feature_stride: Literal[8, 16] = Field(
+        default=8, description="synthparts_cnn only: total stride of its feature map (8: 14x14 at 112 px, finer "
+                               "part localisation; 16: 7x7, cheaper)")
 
     @model_validator(mode="after")
     def _needs_checkpoint(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect.cache_policies import NO_CACHE
@@ -26,12 +27,18 @@ def prepare_model(cfg: RunConfig, out_dir: str) -> dict:
         from phpn_core.models import save_model, train_synthparts_cnn
 
         path = Path(out_dir) / "model" / "synthparts_cnn.safetensors"
-        if not path.is_file():
+        # Reused only when trained with the same settings: the sidecar is written after the model.
+        recipe = {"epochs": cfg.model.train_epochs, "stride": cfg.model.feature_stride,
+                  "dataset": cfg.dataset.model_dump(mode="json")}
+        sidecar = path.with_suffix(".json")
+        if not (path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == recipe):
             train = build_dataset(cfg.dataset, "train")
-            model = train_synthparts_cnn(train, epochs=cfg.model.train_epochs, seed=cfg.dataset.seed,
-                                         device=pick_device(cfg.compute.device), progress=True)
+            model = train_synthparts_cnn(train, epochs=cfg.model.train_epochs, stride=cfg.model.feature_stride,
+                                         seed=cfg.dataset.seed, device=pick_device(cfg.compute.device),
+                                         progress=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_model(model, path)
+            sidecar.write_text(json.dumps(recipe, indent=1))
             trained = True
         ckpt = str(path)
     if n_classes is None:
