@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.phpn-installed
 OUT     ?= runs/demo
 
-.PHONY: venv test demo bench browser clean
+.PHONY: venv test test-cluster demo bench browser ui cluster-down clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,23 @@ browser:
 
 demo: $(STAMP)
 	$(BIN)/phpn demo --out $(OUT)
+
+# The local cluster (flows/cluster.py): Prefect server + UI on 127.0.0.1:$(UI_PORT), a process worker for the
+# deployments of infra/prefect.yaml, a Ray head and a second Ray node. State, logs and PIDs in $(CLUSTER_DIR).
+UI_PORT     ?= 4200
+CLUSTER_DIR ?= $(HOME)/.phpn/cluster
+
+ui: $(STAMP)
+	@$(BIN)/phpn cluster status --state-dir $(CLUSTER_DIR) >/dev/null 2>&1 || \
+	  $(BIN)/phpn cluster up --state-dir $(CLUSTER_DIR) --port $(UI_PORT)
+	@echo "Prefect UI: http://127.0.0.1:$(UI_PORT)   (make cluster-down stops the cluster)"
+
+cluster-down: $(STAMP)
+	$(BIN)/phpn cluster down --state-dir $(CLUSTER_DIR)
+
+# Only the cluster tests (also part of `make test`).
+test-cluster: $(STAMP) browser
+	$(BIN)/python -m pytest -q tests/test_cluster.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/nmf_vs_sklearn.py
