@@ -425,7 +425,10 @@ def status(state_dir: Path | None = None) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": state.env.get("RAY_AUTH_MODE", "token"),
            "RAY_AUTH_TOKEN_PATH": state.env.get("RAY_AUTH_TOKEN_PATH", "")}
     up_ = any(p["alive"] for p in procs)
+    alive = {p["name"] for p in procs if p["alive"]}
     return {"state_dir": str(state_dir), "running": up_, "ready": state.ready, "ui_url": state.ui_url,
-            "prefect_api_url": state.prefect_api_url, "prefect_healthy": up_ and _prefect_healthy(state.prefect_api_url),
-            "ray_address": state.ray_address, "ray_nodes": ray_alive_nodes(state.ray_address, env) if up_ else 0,
+            "prefect_api_url": state.prefect_api_url,
+            "prefect_healthy": "prefect-server" in alive and _prefect_healthy(state.prefect_api_url),
+            "ray_address": state.ray_address,
+            "ray_nodes": ray_alive_nodes(state.ray_address, env) if "ray-head" in alive else 0,
             "pool": state.pool, "processes": procs, "env": client_env(state)}

@@ -97,8 +97,9 @@ def cluster():
         assert state is not None and state.ready, f"no ready cluster recorded in {state_dir}"
         yield {"state": state, "state_dir": state_dir, "env": {**env, **client_env(state)}, "base_env": env}
     finally:
-        subprocess.run([_bin("phpn"), "cluster", "down", "--state-dir", str(state_dir), "--grace", "5"],
-                       capture_output=True, timeout=120, env=env)
+        if (state_dir / "cluster.json").exists():  # not stopped by the last test (a failure or -k selection)
+            subprocess.run([_bin("phpn"), "cluster", "down", "--state-dir", str(state_dir), "--grace", "5"],
+                           capture_output=True, timeout=120, env=env)
         left = ClusterState.load(state_dir)
         if left is None or not owned_processes(left):
             shutil.rmtree(state_dir, ignore_errors=True)
