@@ -231,7 +231,7 @@ CASES = [
     Case("k above the feature channels", _check(lambda tmp: _cfg(decompose={"k": 200})), PhpnError,
          (r"decompose\.k=200 is larger than the model's 128 feature channels",)),
     Case("NaN features from the backbone", _nan_features, PhpnError,
-         (r"features for chunk 0 are not finite", r"1 NaN/inf values", r"check the backbone")),
+         (r"features for chunk \d+ are not finite", r"1 NaN/inf values", r"check the backbone")),
     Case("NaN features handed to the decomposition", _nan_in_decomposition, ValueError,
          (r"class 2: features contain NaN or inf",)),
     Case("feature store from another model", _store_of_another_model, PhpnError,
