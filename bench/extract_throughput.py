@@ -5,7 +5,8 @@ straddles a store chunk) in two ways, alternated and repeated (best of N):
 
 - ``forward``: decode -> normalise -> forward, output discarded;
 - ``extract``: ``extract_features`` into a fresh local store (store creation, channels-last copy, background writes
-  and the done markers included), float32 and float16.
+  and the done markers included): float32 and float16 with the default zstd compression, and float32 uncompressed
+  (``compression="none"``, "raw").
 
 ``ratio`` = extract images/s / forward images/s (the target is >= 0.9). Two input paths are measured:
 ``decoded`` renders SynthParts images in the loop (what a real run does: decoding costs as much as the tiny CNN),
@@ -81,12 +82,12 @@ def bare_forward(features: nn.Module, ds, plan: list[list[int]], num_workers: in
 
 
 def extract(features: nn.Module, ds, uri: str, *, dtype: str, batch_size: int,
-            num_workers: int) -> tuple[float, float, float]:
+            num_workers: int, compression: str = "zstd") -> tuple[float, float, float]:
     """(wall s, process CPU s (all threads), setup s) of extract_features into a fresh local store."""
     shutil.rmtree(uri, ignore_errors=True)
     t, c = time.perf_counter(), time.process_time()
     res = extract_features(features, ds, uri, checkpoint_digest="none", dtype=dtype, batch_size=batch_size,
-                           num_workers=num_workers, progress=False)
+                           num_workers=num_workers, progress=False, compression=compression)
     return time.perf_counter() - t, time.process_time() - c, res.setup_seconds
 
 
@@ -104,6 +105,8 @@ def compare(name: str, features: nn.Module, ds, workdir: str, *, batch_size: int
                                        num_workers=num_workers),
         "extract f16": lambda: extract(features, ds, uri + "16", dtype="float16", batch_size=batch_size,
                                        num_workers=num_workers),
+        "extract f32 raw": lambda: extract(features, ds, uri + "raw", dtype="float32", batch_size=batch_size,
+                                           num_workers=num_workers, compression="none"),
     }
     best = {m: (float("inf"),) * 3 for m in modes}
     for _ in range(reps):
@@ -171,10 +174,10 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="phpn-bench-")
     try:
         # SynthParts CNN at 112 px.
-        n_pc = 20 if quick else 50
+        n_pc = 20 if quick else 150  # enough images that per-image costs, not the store's creation, decide
         sp = SynthParts(split="train", n_classes=8, n_per_class=n_pc, image_size=112)
         torch.manual_seed(0)
-        cnn_features = split_classifier(SynthPartsCNN(8).eval())[0]
+        cnn_features = split_classifier(SynthPartsCNN(8, stride=8).eval())[0]  # the demo's model
         local_uri = compare("synthparts_cnn 112px decoded", cnn_features, sp, workdir, batch_size=64,
                             num_workers=args.num_workers, reps=reps, rows=rows)
         compare("synthparts_cnn 112px cached", cnn_features, Cached(sp), workdir, batch_size=64,
@@ -192,10 +195,10 @@ def main() -> None:
         print("ratio = forward wall s / mode wall s (>= 0.9 wanted); setup = the extraction's fixed cost before its "
               "first batch (dry run, store creation); ratio-setup = the same ratio without it; cpu = process CPU s, "
               "all threads; cpu ratio = forward cpu / mode cpu")
-        print(f"{'case':30s} {'mode':12s} {'images':>6s} {'wall s':>7s} {'img/s':>7s} {'ratio':>5s} "
+        print(f"{'case':30s} {'mode':15s} {'images':>6s} {'wall s':>7s} {'img/s':>7s} {'ratio':>5s} "
               f"{'setup s':>7s} {'ratio-setup':>11s} {'cpu s':>6s} {'cpu ratio':>9s}")
         for name, mode, n, wall, ips, ratio, setup, ratio_ns, cpu, cratio in rows:
-            print(f"{name:30s} {mode:12s} {n:6d} {wall:7.3f} {ips:7.1f} {ratio:5.2f} {setup:7.3f} "
+            print(f"{name:30s} {mode:15s} {n:6d} {wall:7.3f} {ips:7.1f} {ratio:5.2f} {setup:7.3f} "
                   f"{ratio_ns:11.2f} {cpu:6.3f} {cratio:9.2f}")
 
         s3_rows = s3_vs_local(local_uri, cnn_features, sp, reps=5 if quick else 10)
