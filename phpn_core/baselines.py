@@ -19,6 +19,7 @@ These call scikit-learn (DFF only); it is imported on first use.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,7 +101,11 @@ def dff_factorize(activations: torch.Tensor, *, k: int, seed: int = 0, init: str
     offset = A.min(axis=-1)
     A = A - offset[:, None]
     model = NMF(n_components=k, init=init, random_state=seed, max_iter=max_iter, tol=tol)
-    W = model.fit_transform(A)  # [D, k]
+    with warnings.catch_warnings():
+        # grad-cam's recipe stops at 200 iterations, converged or not: the baseline is its result as is (n_iter is
+        # returned), so sklearn's warning about it is noise in a run's log.
+        warnings.filterwarnings("ignore", message="Maximum number of iterations", category=UserWarning)
+        W = model.fit_transform(A)  # [D, k]
     H = model.components_  # [k, n*h*w]
     rel = float(np.linalg.norm(A - W @ H) / max(np.linalg.norm(A), 1e-30))
     concepts = torch.from_numpy(np.ascontiguousarray((W + offset[:, None]).T)).to(activations.dtype)
