@@ -22,6 +22,7 @@ channels last, ``[B, h, w, D]``, in ``float32`` or ``float16``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -371,6 +372,7 @@ def extract_features(
     progress: bool = True,
     on_chunk: Callable[[ChunkWritten], None] | None = None,
     compression: Compression = "zstd",
+    channels_last: bool = True,
 ) -> ExtractionResult:
     """Extract ``features(normalize(image))`` for every image of ``dataset`` into the feature store at ``uri``.
 
@@ -400,6 +402,10 @@ def extract_features(
         overwrite: delete whatever is at ``uri`` first.
         progress: show a progress bar (rich, on stderr).
         compression: feature-chunk compression of a new store, see :data:`phpn_core.store.COMPRESSIONS`.
+        channels_last: run ``features`` with its weights in PyTorch's channels-last memory format (they are
+            restored to its own layout afterwards). The output is then already laid out as the store keeps it (no
+            transposing copy), and convolutions are often faster in it on CPUs and GPUs; values equal the standard
+            layout's up to float rounding (a few ulp). False: run ``features`` as it is.
         on_chunk: called in the calling thread with a :class:`ChunkWritten` after each chunk is written and marked
             done. An exception it raises stops the extraction (chunks already written stay done).
 
@@ -473,7 +479,8 @@ def extract_features(
         features=features, dataset=dataset, store=store, ids=ids, dev=dev, batch_size=batch_size,
         num_workers=num_workers, with_keypoints=kp_shape is not None, progress=progress, on_chunk=on_chunk,
     )
-    images, fmin, fmax = run.execute(todo)
+    with _channels_last(features, enabled=channels_last):
+        images, fmin, fmax = run.execute(todo)
     if fmin is not None and fmin < 0:
         if nonneg is False:
             log.warning(
@@ -510,6 +517,30 @@ class _Job:
     kps: list[torch.Tensor] = field(default_factory=list)  # [b, P, 3] float32 each; empty without keypoints
     buffer: torch.Tensor | None = None  # CUDA: the pinned host buffer the rows were copied into (recycled)
     event: Any = None  # CUDA: recorded after the device -> host copies
+
+
+@contextlib.contextmanager
+def _channels_last(features: nn.Module, *, enabled: bool) -> Iterator[None]:
+    """``features``' 4-d weights in channels-last layout for the block, restored to their own layout after it (the
+    same Parameter objects, the same values: a layout conversion copies exactly)."""
+    if not enabled:
+        yield
+        return
+    layouts = {name: _layout(p) for name, p in features.named_parameters()}
+    features.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for name, p in features.named_parameters():
+            if p.dim() == 4 and layouts.get(name) is not None:
+                p.data = p.data.contiguous(memory_format=layouts[name])
+
+
+def _layout(p: torch.Tensor) -> torch.memory_format | None:
+    if p.dim() != 4:
+        return None
+    return torch.channels_last if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() \
+        else torch.contiguous_format
 
 
 def _rows(parts: list[torch.Tensor]) -> np.ndarray:

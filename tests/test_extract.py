@@ -149,6 +149,20 @@ def test_features_equal_a_direct_forward_pass(reference, features, ds):
     assert rec["images_computed"] == len(ds) and rec["chunks_written"] == store.n_chunks
 
 
+def test_channels_last_runs_leave_the_callers_module_as_it_was(tmp_path, features, ds, reference):
+    before = {n: (p, p.detach().clone(), p.stride()) for n, p in features.named_parameters()}
+    plain = extract_features(features, ds, tmp_path / "plain", checkpoint_digest="d1", images_per_chunk=IPC,
+                             batch_size=BATCH, channels_last=False, progress=False)
+    for n, p in features.named_parameters():  # same objects, values and layout after both runs
+        obj, val, stride = before[n]
+        assert p is obj and torch.equal(p, val) and p.stride() == stride
+        assert p.is_contiguous()  # the default channels-last run (`reference`) restored the standard layout too
+    assert plain.store.schema == reference.store.schema  # the layout is not part of the features' identity
+    for c in range(4):  # channels-last (the default, `reference`) equals the plain layout up to float rounding
+        torch.testing.assert_close(reference.store.class_features(c), plain.store.class_features(c),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_float16_store(tmp_path, features, ds, reference):
     res = extract_features(features, ds, tmp_path / "fs16", checkpoint_digest="d1", dtype="float16",
                            images_per_chunk=IPC, batch_size=BATCH, progress=False)
