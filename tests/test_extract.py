@@ -157,7 +157,7 @@ def test_channels_last_runs_leave_the_callers_module_as_it_was(tmp_path, feature
         obj, val, stride = before[n]
         assert p is obj and torch.equal(p, val) and p.stride() == stride
         assert p.is_contiguous()  # the default channels-last run (`reference`) restored the standard layout too
-    assert plain.store.schema == reference.store.schema  # the layout is not part of the features' identity
+    assert plain.store.fingerprint == reference.store.fingerprint  # the layout is not part of the identity
     for c in range(4):  # channels-last (the default, `reference`) equals the plain layout up to float rounding
         torch.testing.assert_close(reference.store.class_features(c), plain.store.class_features(c),
                                    rtol=1e-5, atol=1e-6)
