@@ -205,10 +205,11 @@ def test_s3_endpoint_down_mid_write(phpn_runtime, s3_proxy, s3_server, s3_bucket
     assert chunk["request"].startswith("PUT ") and pointer["request"].startswith("PUT ")
     # Bounded: retries, not a hang (two 3 s outages plus the retry delays).
     assert took < 180, f"the run took {took:.0f} s"
-    # The chunk write failed past the S3 client's own retries: the extraction task was retried (at most twice)
-    # and resumed. The pointer PUT may be absorbed by the client's retries; either way the run is bounded.
+    # The dropped chunk PUT never reached moto, so the complete, byte-identical store below proves it was written
+    # again: by the S3 client's own retries when they outlast the outage, else by a retry of the extraction task,
+    # which resumes. Which of the two depends on timing (both were seen); either way the task ran at most 3 times.
     runs = [(t.name, t.run_count) for t in _task_runs("extract-train")]
-    assert any(c >= 2 for _, c in runs) and all(c <= 3 for _, c in runs), runs
+    assert runs and all(1 <= c <= 3 for _, c in runs), runs
     # No corrupt chunk: the store is complete and holds the fault-free run's features exactly.
     s3_store = FeatureStore.open(f"{s3_bucket}/features/train.zarr", storage_options=direct)
     ref_store = FeatureStore.open(str(reference["out"] / "features" / "train.zarr"))
