@@ -1,9 +1,11 @@
 """Feature-extraction throughput: extraction into a local feature store vs the bare forward pass, and S3 vs local reads.
 
 For each model, the same images go through the same DataLoader settings and the same batches (a batch never
-straddles a store chunk) in two ways, alternated and repeated (best of N):
+straddles a store chunk) in several modes, each run once per round, in a shuffled order, for several rounds:
 
-- ``forward``: decode -> normalise -> forward, output discarded;
+- ``forward``: decode -> normalise -> forward, output discarded (the model as given: the baseline);
+- ``forward cl``: the same with the model in channels-last layout, as extraction runs it (to separate the storage
+  overhead from the layout's gain);
 - ``extract``: ``extract_features`` into a fresh local store (store creation, channels-last copy, background writes
   and the done markers included): float32 and float16 with the default zstd compression, and float32 uncompressed
   (``compression="none"``, "raw").
@@ -15,17 +17,20 @@ straddles a store chunk) in two ways, alternated and repeated (best of N):
 Then one class's features are read back from an S3 store (a moto server started here on a free loopback port)
 and from the local store: best of N ``store.class_features(c)``.
 
-Usage: ``python bench/extract_throughput.py [--quick] [--threads 2]`` (about 2-3 minutes on 2 CPU cores; ``--quick``
-well under a minute).
+Usage: ``python bench/extract_throughput.py [--quick] [--threads 2] [--no-resnet]`` (about 5 minutes on 2 CPU cores;
+``--quick`` about one).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
+import random
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -71,13 +76,16 @@ def batch_plan(store: FeatureStore, batch_size: int) -> list[list[int]]:
     return plan
 
 
-def bare_forward(features: nn.Module, ds, plan: list[list[int]], num_workers: int) -> tuple[float, float, float]:
-    """(wall s, process CPU s, 0) of decode -> normalise -> forward over the batches ``plan``, output discarded."""
+def bare_forward(features: nn.Module, ds, plan: list[list[int]], num_workers: int, *,
+                 channels_last: bool = False) -> tuple[float, float, float]:
+    """(wall s, process CPU s, 0) of decode -> normalise -> forward over the batches ``plan``, output discarded;
+    ``channels_last``: with the weights and inputs in channels-last layout, as extraction runs them."""
     loader = DataLoader(ds, batch_sampler=plan, num_workers=num_workers, collate_fn=_collate)
+    model = copy.deepcopy(features).to(memory_format=torch.channels_last) if channels_last else features
     t, c = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for batch in loader:
-            features(normalize(batch["image"], ds.mean, ds.std))
+            model(normalize(batch["image"], ds.mean, ds.std))
     return time.perf_counter() - t, time.process_time() - c, 0.0
 
 
@@ -93,14 +101,18 @@ def extract(features: nn.Module, ds, uri: str, *, dtype: str, batch_size: int,
 
 def compare(name: str, features: nn.Module, ds, workdir: str, *, batch_size: int, num_workers: int, reps: int,
             rows: list) -> str:
-    """Alternate forward / extract(float32) / extract(float16) ``reps`` times; append best-of rows."""
+    """``reps`` rounds; each runs every mode once, in a shuffled order. The machine's speed drifts by tens of percent
+    from second to second, so each mode is compared with the forward pass of its own round (paired), and the median
+    of those paired ratios is reported, with the best-of-rounds ratio beside it."""
     uri = os.path.join(workdir, name.replace(" ", "_"))
     # Create the store only (chunks=[] computes nothing): its layout gives the batches extraction uses.
     extract_features(features, ds, uri, checkpoint_digest="none", batch_size=batch_size, chunks=[], progress=False)
     plan = batch_plan(FeatureStore.open(uri), batch_size)
     bare_forward(features, ds, plan[:2], num_workers)  # warm-up (oneDNN primitives, allocator)
+    bare_forward(features, ds, plan[:2], num_workers, channels_last=True)
     modes = {
         "forward": lambda: bare_forward(features, ds, plan, num_workers),
+        "forward cl": lambda: bare_forward(features, ds, plan, num_workers, channels_last=True),
         "extract f32": lambda: extract(features, ds, uri, dtype="float32", batch_size=batch_size,
                                        num_workers=num_workers),
         "extract f16": lambda: extract(features, ds, uri + "16", dtype="float16", batch_size=batch_size,
@@ -108,18 +120,24 @@ def compare(name: str, features: nn.Module, ds, workdir: str, *, batch_size: int
         "extract f32 raw": lambda: extract(features, ds, uri + "raw", dtype="float32", batch_size=batch_size,
                                            num_workers=num_workers, compression="none"),
     }
-    best = {m: (float("inf"),) * 3 for m in modes}
+    runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    order = list(modes)
+    rng = random.Random(0)
     for _ in range(reps):
-        for m, fn in modes.items():
-            wall, cpu, setup = fn()
-            # best wall with its own setup share; best CPU separately
-            if wall < best[m][0]:
-                best[m] = (wall, best[m][1], setup)
-            best[m] = (best[m][0], min(best[m][1], cpu), best[m][2])
+        rng.shuffle(order)
+        for m in order:
+            runs[m].append(modes[m]())
     n = len(ds)
-    fw, fc, _ = best["forward"]
-    for mode, (wall, cpu, setup) in best.items():
-        rows.append((name, mode, n, wall, n / wall, fw / wall, setup, fw / (wall - setup), cpu, fc / cpu))
+    fw = [r[0] for r in runs["forward"]]
+    fcl = [r[0] for r in runs["forward cl"]]
+    for mode, rs in runs.items():
+        walls = [r[0] for r in rs]
+        paired = statistics.median(f / w for f, w in zip(fw, walls))
+        paired_cl = statistics.median(f / w for f, w in zip(fcl, walls))
+        steady = statistics.median(f / (w - r[2]) for f, w, r in zip(fw, walls, rs))
+        best = min(walls)
+        rows.append((name, mode, n, best, n / best, min(fw) / best, paired, steady, paired_cl,
+                     statistics.median(r[2] for r in rs)))
     return uri
 
 
@@ -165,10 +183,11 @@ def main() -> None:
                     help="torch intra-op threads (default 1: on 2 shared cores it leaves one for decoding and writing; "
                          "OpenMP threads spin when the cores are busy)")
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, the same for both (default 0)")
+    ap.add_argument("--no-resnet", action="store_true", help="skip the ResNet-34 case")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick
-    reps = 2 if quick else 3
+    reps = 3 if quick else 7
     rows: list[tuple] = []
     t_all = time.perf_counter()
     workdir = tempfile.mkdtemp(prefix="phpn-bench-")
@@ -184,22 +203,26 @@ def main() -> None:
                 num_workers=args.num_workers, reps=reps, rows=rows)
 
         # ResNet-34 at 224 px, random init.
-        rn_pc = 8 if quick else 16
-        rds = Cached(SynthParts(split="train", n_classes=4, n_per_class=rn_pc, image_size=224))
-        rn_features = split_classifier(tvm.resnet34(weights=None, num_classes=4).eval())[0]
-        compare("resnet34 224px cached", rn_features, rds, workdir, batch_size=32, num_workers=args.num_workers,
-                reps=reps, rows=rows)
+        if not args.no_resnet:
+            # ~5 s a run on 2 cores: fewer rounds (its ratio is far from the floor either way)
+            rn_pc = 4 if quick else 8
+            rds = Cached(SynthParts(split="train", n_classes=4, n_per_class=rn_pc, image_size=224))
+            rn_features = split_classifier(tvm.resnet34(weights=None, num_classes=4).eval())[0]
+            compare("resnet34 224px cached", rn_features, rds, workdir, batch_size=32, num_workers=args.num_workers,
+                    reps=max(2, reps // 2), rows=rows)
 
         print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} cores, "
-              f"num_workers={args.num_workers}, best of {reps} (alternated)")
-        print("ratio = forward wall s / mode wall s (>= 0.9 wanted); setup = the extraction's fixed cost before its "
-              "first batch (dry run, store creation); ratio-setup = the same ratio without it; cpu = process CPU s, "
-              "all threads; cpu ratio = forward cpu / mode cpu")
-        print(f"{'case':30s} {'mode':15s} {'images':>6s} {'wall s':>7s} {'img/s':>7s} {'ratio':>5s} "
-              f"{'setup s':>7s} {'ratio-setup':>11s} {'cpu s':>6s} {'cpu ratio':>9s}")
-        for name, mode, n, wall, ips, ratio, setup, ratio_ns, cpu, cratio in rows:
-            print(f"{name:30s} {mode:15s} {n:6d} {wall:7.3f} {ips:7.1f} {ratio:5.2f} {setup:7.3f} "
-                  f"{ratio_ns:11.2f} {cpu:6.3f} {cratio:9.2f}")
+              f"num_workers={args.num_workers}, {reps} rounds, modes in shuffled order each round")
+        print("ratio = forward wall s / mode wall s (>= 0.9 wanted). median = median over rounds of the ratio to the "
+              "same round's forward (paired; the headline figure); best = best forward / best mode; steady = median "
+              "paired ratio without the extraction's fixed setup (dry run, store creation: the per-image rate of a "
+              "long run); vs cl = median paired ratio to a channels-last forward (storage overhead alone); setup = "
+              "median setup s")
+        print(f"{'case':30s} {'mode':15s} {'images':>6s} {'best s':>7s} {'img/s':>7s} {'best':>5s} {'median':>6s} "
+              f"{'steady':>6s} {'vs cl':>5s} {'setup s':>7s}")
+        for name, mode, n, wall, ips, best, med, steady, vs_cl, setup in rows:
+            print(f"{name:30s} {mode:15s} {n:6d} {wall:7.3f} {ips:7.1f} {best:5.2f} {med:6.2f} {steady:6.2f} "
+                  f"{vs_cl:5.2f} {setup:7.3f}")
 
         s3_rows = s3_vs_local(local_uri, cnn_features, sp, reps=5 if quick else 10)
         print(f"\nread one class (store.class_features), best of {5 if quick else 10}")

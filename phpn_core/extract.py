@@ -93,8 +93,9 @@ class ExtractionResult:
         chunks_written: the chunk indices this call computed and wrote, ascending.
         chunks_skipped: chunks that were already done (resume) and were left as they are.
         images_computed: images passed through the extractor by this call (the schema's dry run excluded).
-        feature_min, feature_max: the smallest and largest feature value this call computed (None when it computed
-            nothing). ``feature_min < 0`` means the features are not non-negative (NMF needs them >= 0).
+        feature_min, feature_max: the smallest and largest feature value this call wrote, as stored (after the cast
+            to the store's dtype; None when it computed nothing). ``feature_min < 0`` means the features are not
+            non-negative (NMF needs them >= 0).
         nonnegative: what the extractor declares (``features.nonnegative``; None when it has no such attribute).
         seconds: wall time of the call.
         setup_seconds: the part of ``seconds`` spent before the first batch: the schema's dry run, creating or
@@ -465,7 +466,8 @@ def extract_features(
         uri, schema, labels=labels, image_ids=ids, keypoints_shape=kp_shape, images_per_chunk=images_per_chunk,
         storage_options=storage_options, overwrite=overwrite, compression=compression,
     )
-    missing = store.missing_chunks()
+    # A store this call has just created holds nothing yet: spare reading its K done markers.
+    missing = list(range(store.n_chunks)) if store.created_empty else store.missing_chunks()
     todo = missing if chunks is None else _select_chunks(chunks, missing, store.n_chunks)
     skipped = store.n_chunks - len(missing)
     nonneg = getattr(features, "nonnegative", None)
@@ -554,10 +556,11 @@ def _rows(parts: list[torch.Tensor]) -> np.ndarray:
 class _Writer:
     """Background writers: ``n_threads`` threads take :class:`_Job` s from ``jobs`` and write them; at most ``depth``
     jobs are queued or being written (bounded memory). Chunks are independent objects, so several are written at
-    once: the fixed latency of each chunk's storage round trips (three Zarr writes, thread hand-offs, S3 requests)
-    then overlaps instead of adding up. Pinned buffers are recycled into ``free``; ``(chunk, n)`` is reported in
-    ``done``. The first exception is kept in ``error`` (the thread that raised it stops; the others finish the jobs
-    already queued, which are correct, so that as much as possible is kept for a resume)."""
+    once: the fixed latency of each chunk's storage round trips (two store calls, thread hand-offs, S3 requests)
+    then overlaps instead of adding up. Pinned buffers are recycled into ``free``; ``(chunk, n, min, max)`` is
+    reported in ``done`` (the min and max of the values written). The first exception is kept in ``error`` (the
+    thread that raised it stops; the others finish the jobs already queued, which are correct, so that as much as
+    possible is kept for a resume)."""
 
     def __init__(self, store: FeatureStore, *, n_threads: int = _WRITERS, depth: int = _QUEUE_DEPTH) -> None:
         self.store = store
@@ -581,7 +584,8 @@ class _Writer:
             try:
                 if job.event is not None:
                     job.event.synchronize()
-                self.store.write_chunk(job.chunk, _rows(job.feats), keypoints=_rows(job.kps) if job.kps else None)
+                lo, hi = self.store.write_chunk(job.chunk, _rows(job.feats),
+                                                keypoints=_rows(job.kps) if job.kps else None)
             except BaseException as e:  # noqa: BLE001 - handed to the calling thread
                 with self._lock:
                     if self.error is None:
@@ -591,7 +595,7 @@ class _Writer:
                 self.slots.release()
             if job.buffer is not None:
                 self.free.put(job.buffer)  # write_chunk copied the data: the buffer can be reused
-            self.done.put((job.chunk, job.n))
+            self.done.put((job.chunk, job.n, lo, hi))
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
@@ -641,6 +645,19 @@ class _Run:
         self.mean, self.std = _norm_stat(dataset, "mean"), _norm_stat(dataset, "std")
         self.n_buffers = 0
         self.written = 0
+        # min / max of the values written, from the writers (one pass over each chunk there, off the compute thread)
+        self.fmin: float | None = None
+        self.fmax: float | None = None
+
+    def _normalize_(self, x: torch.Tensor) -> torch.Tensor:
+        """``normalize(x, mean, std)`` in place (the same operations and values): the batch is this run's own copy
+        (the collate's stack, or its device copy), and two fresh batch-sized tensors per batch cost page faults and
+        memory traffic that a small model notices."""
+        if not x.is_floating_point():
+            return normalize(x, self.mean, self.std)
+        m = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        s = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return x.sub_(m).div_(s)
 
     def _plan(self, todo: list[int]) -> list[tuple[int, int, int, int, list[int]]]:
         """``(chunk, chunk size m, row0, row1, dataset indices)`` per batch: each chunk is cut into the same
@@ -663,10 +680,12 @@ class _Run:
     def _report(self, writer: _Writer, total_chunks: int, bar: Any, task: Any) -> None:
         while True:
             try:
-                k, n = writer.done.get_nowait()
+                k, n, lo, hi = writer.done.get_nowait()
             except queue.Empty:
                 return
             self.written += 1
+            self.fmin = lo if self.fmin is None else min(self.fmin, lo)
+            self.fmax = hi if self.fmax is None else max(self.fmax, hi)
             if bar is not None:
                 bar.update(task, chunks=f"{self.written}/{total_chunks} chunks")
             if self.on_chunk is not None:
@@ -689,7 +708,6 @@ class _Run:
         writer = _Writer(self.store)
         bar, task = _progress_bar(self.progress, n_images, self.store.uri)
         h, w, D = self.fshape
-        fmin = fmax = None
         job = _Job(-1, 0)
         computed = 0
         try:
@@ -699,7 +717,7 @@ class _Run:
                     if batch["image_id"] != [self.ids[i] for i in idx]:
                         raise _id_mismatch(self.dataset, idx, batch["image_id"], self.ids)
                     x = batch["image"].to(self.dev, non_blocking=True)
-                    out = self.features(normalize(x, self.mean, self.std))
+                    out = self.features(self._normalize_(x))
                     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(idx), D, h, w):
                         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                         raise ShapeError(
@@ -709,9 +727,6 @@ class _Run:
                         )
                     if out.dtype == torch.bfloat16:  # numpy has no bfloat16 (autocast / bf16 models)
                         out = out.float()
-                    lo, hi = torch.aminmax(out)  # kept on the device: no sync per batch
-                    fmin = lo if fmin is None else torch.minimum(fmin, lo)
-                    fmax = hi if fmax is None else torch.maximum(fmax, hi)
                     if r0 == 0:  # the plan lists a chunk's batches consecutively, from row 0
                         job = _Job(k, m, buffer=self._pinned_buffer(writer) if self.cuda else None)
                     if self.cuda:
@@ -755,9 +770,7 @@ class _Run:
             if bar is not None:
                 bar.stop()
             del it  # shuts DataLoader workers down
-        lo_v = None if fmin is None else float(fmin)
-        hi_v = None if fmax is None else float(fmax)
-        return computed, lo_v, hi_v
+        return computed, self.fmin, self.fmax
 
 
 def _collate(items: list[Mapping[str, Any]]) -> dict[str, Any]:

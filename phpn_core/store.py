@@ -44,6 +44,7 @@ import torch
 import zarr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from phpn_core.chunkio import ChunkEncoder, put_chunks
 from phpn_core.errors import InputValueError, PhpnError, SchemaMismatchError, ShapeError, StoreError
 from phpn_core.uri import StorageLocation, parse_uri, redact, resolve_storage_options
 
@@ -243,8 +244,11 @@ class FeatureStore:
         _group: zarr.Group,
         _meta: dict[str, Any],
         _schema: FeatureSchema,
+        _offsets_counts: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         # Private: use create() or open().
+        self.created_empty = False
+        """True when :meth:`create` has just built this store new (nothing written yet: no need to read progress)."""
         self._loc = _loc
         self._options = _options
         self._group = _group
@@ -254,9 +258,12 @@ class FeatureStore:
         self._ipc = int(_meta["images_per_chunk"])
         kp = _meta.get("keypoints_shape")
         self._kp_shape: tuple[int, int] | None = (int(kp[0]), int(kp[1])) if kp is not None else None
-        with self._io("read the layout of"):
-            self._class_offsets = np.asarray(_group["class_offsets"][:], dtype=np.int64)
-            self._class_counts = np.asarray(_group["class_counts"][:], dtype=np.int64)
+        if _offsets_counts is not None:  # create() has them in hand
+            self._class_offsets, self._class_counts = (np.asarray(a, dtype=np.int64) for a in _offsets_counts)
+        else:
+            with self._io("read the layout of"):
+                self._class_offsets = np.asarray(_group["class_offsets"][:], dtype=np.int64)
+                self._class_counts = np.asarray(_group["class_counts"][:], dtype=np.int64)
         expected_rows = int(_meta["n_rows"])
         if len(self._class_offsets) != _schema.n_classes + 1 or int(self._class_offsets[-1]) != expected_rows:
             raise StoreError(
@@ -344,34 +351,30 @@ class FeatureStore:
         storage_labels[rows_valid] = label_arr[layout.dataset_index[rows_valid]]
         storage_ids = np.full(R, "", dtype=object)
         storage_ids[rows_valid] = np.asarray(ids, dtype=object)[layout.dataset_index[rows_valid]]
-        with _io("create the feature store at", loc, opts, secrets, write=True):
-            # mode "w" deletes whatever is at the URI. layout_complete stays False until every index array is
-            # written, so an interrupted create() is detected and rebuilt rather than resumed.
-            group = zarr.open_group(store=zstore, mode="w", zarr_format=3, attributes={_ATTR_KEY: meta})
-            # write_empty_chunks: chunks are always written whole, so zarr's all-fill-value scan of every chunk (a
-            # full pass over it) buys nothing; it cost about as much as the zstd encode.
-            group.create_array("features", shape=(R, H, W, D), chunks=(ipc, H, W, D), dtype=schema.dtype, fill_value=0,
-                               compressors=codecs, config={"write_empty_chunks": True})
-            if kp_shape is not None:
-                P = kp_shape[0]
-                group.create_array("keypoints", shape=(R, P, 3), chunks=(ipc, P, 3), dtype="float32", fill_value=0)
-            C = schema.n_classes
-            index_arrays = (  # name, dtype, data, chunks, fill value
-                ("labels", "int32", storage_labels, index_chunks, -1),
-                ("image_ids", str, storage_ids, index_chunks, ""),
-                ("dataset_index", "int64", layout.dataset_index, index_chunks, -1),
-                ("valid", "bool", rows_valid, index_chunks, False),
-                ("class_offsets", "int64", layout.class_offsets, (C + 1,), 0),
-                ("class_counts", "int64", layout.class_counts, (C,), 0),
-            )
-            for name, dtype, data, chunks, fill in index_arrays:
-                group.create_array(name, shape=data.shape, chunks=chunks, dtype=dtype, fill_value=fill)[:] = data
+        C = schema.n_classes
+        arrays: list[tuple[str, dict[str, Any], np.ndarray | None]] = [  # name, create_array options, data
+            ("features", dict(shape=(R, H, W, D), chunks=(ipc, H, W, D), dtype=schema.dtype, fill_value=0,
+                              compressors=codecs), None),
+            ("labels", dict(shape=(R,), chunks=index_chunks, dtype="int32", fill_value=-1), storage_labels),
+            ("image_ids", dict(shape=(R,), chunks=index_chunks, dtype=str, fill_value=""), storage_ids),
+            ("dataset_index", dict(shape=(R,), chunks=index_chunks, dtype="int64", fill_value=-1),
+             layout.dataset_index),
+            ("valid", dict(shape=(R,), chunks=index_chunks, dtype="bool", fill_value=False), rows_valid),
+            ("class_offsets", dict(shape=(C + 1,), chunks=(C + 1,), dtype="int64", fill_value=0), layout.class_offsets),
+            ("class_counts", dict(shape=(C,), chunks=(C,), dtype="int64", fill_value=0), layout.class_counts),
             # One object per chunk: concurrent writers of different chunks never read-modify-write a shared one.
-            group.create_array("done", shape=(layout.n_chunks,), chunks=(1,), dtype="bool", fill_value=False)
-            meta = {**meta, "layout_complete": True}
-            group.attrs[_ATTR_KEY] = meta
-        store = cls(_loc=loc, _options=opts, _group=group, _meta=meta, _schema=schema)
+            ("done", dict(shape=(layout.n_chunks,), chunks=(1,), dtype="bool", fill_value=False), None),
+        ]
+        if kp_shape is not None:
+            arrays.append(("keypoints", dict(shape=(R, kp_shape[0], 3), chunks=(ipc, kp_shape[0], 3),
+                                             dtype="float32", fill_value=0), None))
+        with _io("create the feature store at", loc, opts, secrets, write=True):
+            group = _create_group(zstore, meta, arrays)
+        meta = {**meta, "layout_complete": True}
+        store = cls(_loc=loc, _options=opts, _group=group, _meta=meta, _schema=schema,
+                    _offsets_counts=(layout.class_offsets, layout.class_counts))
         store.__dict__["_layout"] = layout  # already computed; spare the reads
+        store.created_empty = True
         return store
 
     @classmethod
@@ -630,8 +633,9 @@ class FeatureStore:
         features: torch.Tensor | np.ndarray,
         *,
         keypoints: torch.Tensor | np.ndarray | None = None,
-    ) -> None:
-        """Write one chunk and mark it done.
+    ) -> tuple[float, float]:
+        """Write one chunk and mark it done; returns the (min, max) of the feature values stored (as stored: after the
+        cast to the schema's dtype; (0.0, 0.0) for a chunk of padding only).
 
         ``features [m, H, W, D]`` (tensor on any device, or array; cast to the schema's dtype) and, when the store
         has keypoints, ``keypoints [m, P, 3]``, for the images ``chunk_indices(chunk_index)`` in that order
@@ -648,13 +652,17 @@ class FeatureStore:
                 f"(the {m} images chunk_indices({k}) in that order), got {list(arr.shape)}. "
                 "Fix: extract exactly those images, channels last."
             )
-        block = np.empty((self._ipc, H, W, D), dtype=self._schema.dtype)
-        block[m:] = 0
-        with np.errstate(over="ignore", invalid="ignore"):  # float16 overflow is reported just below
-            block[:m] = arr  # casts (copy; the caller's data is never touched)
-        # A float64 sum is finite exactly when every (float16/float32) value is: one cheap reduction instead of a
-        # boolean mask of the whole chunk.
-        if not np.isfinite(block[:m].sum(dtype=np.float64)):
+        if m == self._ipc and arr.dtype == np.dtype(self._schema.dtype) and arr.flags.c_contiguous:
+            block = arr  # a whole chunk, already as stored: encoded straight from it (only read, never modified)
+        else:
+            block = np.empty((self._ipc, H, W, D), dtype=self._schema.dtype)
+            block[m:] = 0
+            with np.errstate(over="ignore", invalid="ignore"):  # float16 overflow is reported just below
+                block[:m] = arr  # casts and/or transposes (a copy: the caller's data is never touched)
+        # min and max propagate NaN and reach inf whenever one value is: one pass checks finiteness and gives the
+        # stats (torch's aminmax: a single pass that releases the GIL).
+        lo, hi = (float(v) for v in torch.aminmax(torch.from_numpy(block[:m]))) if m else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             overflow = np.isfinite(arr).all()
             raise InputValueError(
                 f"features for chunk {k} are not finite: expected finite values, got "
@@ -691,17 +699,37 @@ class FeatureStore:
                 f"keypoints given for chunk {k} but this store holds none: expected keypoints=None, got an array. "
                 "Fix: drop them, or create the store with keypoints_shape=(P, 3)."
             )
+        c = start // self._ipc  # the chunk's coordinate along the row axis
         with self._io(f"write chunk {k} of", write=True):
-            # The whole chunk (padding included) in one call: one object write, no read-modify-write.
-            self._array("features")[start : start + self._ipc] = block
+            # The whole chunk (padding included): one object per array, no read-modify-write.
+            parts = [("features", (c, 0, 0, 0), block)]
             if kblock is not None:
-                self._array("keypoints")[start : start + self._ipc] = kblock
+                parts.append(("keypoints", (c, 0, 0), kblock))
+            self._put(parts)
         self._mark_done(k)
+        return lo, hi
 
     def _mark_done(self, k: int) -> None:
         with self._io(f"mark chunk {k} done in", write=True):
-            # A slice covering the whole (1,)-chunk: a plain write, no read-modify-write of the chunk.
-            self._array("done")[k : k + 1] = np.ones(1, dtype=bool)
+            self._put([("done", (k,), np.ones(1, dtype=bool))])
+
+    def _put(self, parts: list[tuple[str, tuple[int, ...], np.ndarray]]) -> None:
+        """Write whole chunks ``(array name, chunk coords, block)``: encoded here (in the calling thread, GIL released
+        by the codecs) and stored in one event-loop call; zarr's own indexing path for codec chains chunkio lacks."""
+        encoders = [self._encoder(name) for name, _, _ in parts]
+        if all(e is not None for e in encoders):
+            put_chunks([(e, coords, e.encode(block)) for e, (_, coords, block) in zip(encoders, parts)])
+            return
+        for name, coords, block in parts:
+            arr = self._array(name)
+            sel = tuple(slice(i * n, (i + 1) * n) for i, n in zip(coords, arr.chunks))
+            arr[sel] = block
+
+    def _encoder(self, name: str) -> ChunkEncoder | None:
+        cache = self.__dict__.setdefault("_encoders", {})
+        if name not in cache:
+            cache[name] = ChunkEncoder.for_array(self._array(name))
+        return cache[name]
 
     def missing_chunks(self) -> list[int]:
         """Chunk indices not yet completely written, ascending."""
@@ -767,7 +795,10 @@ class FeatureStore:
         cache = self.__dict__.setdefault("_arrays", {})
         if name not in cache:
             with self._io(f"open array {name!r} of"):
-                cache[name] = self._group[name]
+                arr = self._group[name]
+            # Runtime config, not stored metadata: every opened handle needs it. Chunks are always written whole, so
+            # zarr's all-fill-value scan of each one (a full pass, on its event-loop thread) buys nothing.
+            cache[name] = arr.with_config({"write_empty_chunks": True}) if name == "features" else arr
         return cache[name]
 
     @contextmanager
@@ -779,6 +810,29 @@ class FeatureStore:
 
 # ------------------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _create_group(
+    zstore: zarr.abc.store.Store, meta: dict[str, Any], arrays: list[tuple[str, dict[str, Any], np.ndarray | None]]
+) -> zarr.Group:
+    """Create the group (deleting whatever is there: mode "w") and its arrays concurrently, write the arrays that
+    have data, then set ``layout_complete`` (an interrupted create is detected by its absence and rebuilt). One call
+    into zarr's event loop: ~10 sequential metadata writes become one concurrent batch (on S3, one round trip's
+    latency instead of ten)."""
+    import asyncio
+
+    from zarr.api.asynchronous import open_group
+    from zarr.core.sync import sync
+
+    async def build() -> zarr.Group:
+        group = await open_group(store=zstore, mode="w", zarr_format=3, attributes={_ATTR_KEY: meta})
+        made = await asyncio.gather(*(group.create_array(name, **opts) for name, opts, _ in arrays))
+        await asyncio.gather(*(a.setitem(slice(None), data) for a, (_, _, data) in zip(made, arrays)
+                               if data is not None))
+        await group.update_attributes({_ATTR_KEY: {**meta, "layout_complete": True}})
+        return zarr.Group(group)
+
+    return sync(build())
 
 
 def _zarr_store(loc: StorageLocation, opts: dict[str, Any] | None, *, read_only: bool) -> zarr.abc.store.Store:

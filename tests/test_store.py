@@ -294,14 +294,16 @@ def test_interrupted_create_is_rebuilt_not_resumed(tmp_path, monkeypatch):
     n, C = 8, 2
     labels, ids, feats, _ = make_data(n, C, seed=8)
     schema = make_schema(n, C)
-    real_create_array = zarr.Group.create_array
+    from zarr.core.group import AsyncGroup
 
-    def dies_at_done(self, name, **kwargs):
+    real_create_array = AsyncGroup.create_array
+
+    async def dies_at_done(self, name, **kwargs):
         if name == "done":
             raise OSError("disk vanished")
-        return real_create_array(self, name, **kwargs)
+        return await real_create_array(self, name, **kwargs)
 
-    monkeypatch.setattr(zarr.Group, "create_array", dies_at_done)
+    monkeypatch.setattr(AsyncGroup, "create_array", dies_at_done)
     with pytest.raises(StoreError, match="disk vanished"):
         FeatureStore.create(tmp_path / "fs", schema, labels=labels, image_ids=ids)
     monkeypatch.undo()
