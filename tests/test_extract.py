@@ -173,6 +173,32 @@ def test_float16_store(tmp_path, features, ds, reference):
         assert torch.equal(res.store.class_features(c), want.half().float())  # exactly the rounded float32 values
 
 
+class InMemory(torch.utils.data.Dataset):
+    """A dataset that hands out the same image tensors every time (as a cached dataset does)."""
+
+    def __init__(self, ds) -> None:
+        self.items = [ds[i] for i in range(len(ds))]
+        self.classes, self.labels, self.part_names = ds.classes, ds.labels, ds.part_names
+        self.mean, self.std, self.image_ids = ds.mean, ds.std, [it["image_id"] for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def test_dataset_images_are_not_modified_and_min_max_are_the_stored_ones(tmp_path, features, ds, reference):
+    mem = InMemory(ds)
+    before = [it["image"].clone() for it in mem.items]
+    res = extract_features(features, mem, tmp_path / "mem", checkpoint_digest="d1", split="train", images_per_chunk=IPC,
+                           batch_size=BATCH, progress=False)
+    assert all(torch.equal(it["image"], b) for it, b in zip(mem.items, before))  # normalised in place: a copy
+    got = torch.cat([res.store.class_features(c) for c in range(4)])
+    assert torch.equal(got, torch.cat([reference.store.class_features(c) for c in range(4)]))
+    assert (res.feature_min, res.feature_max) == (float(got.min()), float(got.max()))
+
+
 def test_worker_processes_and_other_batch_sizes_give_the_same_store(tmp_path, features, ds, reference):
     extract_features(features, ds, tmp_path / "fs", checkpoint_digest="d1", images_per_chunk=IPC, batch_size=64,
                      num_workers=1, progress=True)
