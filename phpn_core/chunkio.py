@@ -7,8 +7,8 @@ GIL (every torch op re-acquires it), which is what kept extraction of small mode
 
 :class:`ChunkEncoder` encodes a whole chunk exactly as zarr's codec pipeline does (the same numcodecs codecs with the
 array's own configuration: the stored bytes are identical, see ``tests/test_chunkio.py``), and :func:`put_chunks`
-stores them: local files written directly, remote objects in one event-loop call. The codecs release the GIL, so the encode
-runs in parallel with the compute thread. Arrays whose codec chain is not one this module knows (sharding,
+stores them: local files written directly, remote objects in one event-loop call. The codecs release the GIL, so
+the encode runs in parallel with the compute thread. Arrays whose codec chain is not one this module knows (sharding,
 filters, other compressors) get no encoder: callers fall back to zarr's own ``__setitem__``.
 """
 
@@ -17,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import zarr
 
-__all__ = ["ChunkEncoder", "put_chunks"]
+__all__ = ["ChunkEncoder", "gather_settled", "put_chunks"]
+
+T = TypeVar("T")
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -107,9 +110,20 @@ def put_chunks(items: Sequence[tuple[ChunkEncoder, Sequence[int], bytes | memory
         proto = default_buffer_prototype()
 
         async def _put() -> None:
-            await asyncio.gather(*(path.set(proto.buffer.from_bytes(data)) for path, data in remote))
+            await gather_settled(path.set(proto.buffer.from_bytes(data)) for path, data in remote)
 
         sync(_put())
+
+
+async def gather_settled(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather`` that lets every awaitable finish before raising the first error: nothing of a failed call is
+    still writing after it has returned (plain gather leaves the siblings of a failure running on zarr's loop, where
+    they can race a retry's delete-and-recreate)."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
 
 
 def _local_root(store: object) -> Path | None:

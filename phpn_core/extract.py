@@ -9,10 +9,14 @@
   chunk's numbers do not depend on which other chunks a run computes (batch composition can change the last bits
   of a convolution): a resumed store equals an uninterrupted one byte for byte (same device and threads).
 - **Overlapped.** Images are decoded by a torch ``DataLoader`` (``num_workers`` processes, pinned memory on CUDA),
-  the forward pass runs in the calling thread, and background writer threads (bounded queue; the calling thread
-  makes no copy on the CPU: the store's own copy into its chunk block transposes and casts) encode and write
-  finished chunks, so compute waits on storage only when storage is the bottleneck. A writer failure is raised in
-  the calling thread, after the chunks already queued are written.
+  the forward pass runs in the calling thread, and background writer threads (bounded queue) check, encode and
+  write finished chunks, so compute waits on storage only when storage is the bottleneck. The calling thread does
+  as little as it can besides the forward pass, because on few cores anything else it does, or any Python work
+  that holds the GIL in another thread, slows the forward pass itself: it normalises in place, makes no copy of
+  the output on the CPU (a channels-last output is already the store's layout: a whole chunk is encoded straight
+  from it; otherwise the store's copy into its chunk block transposes and casts), and leaves the min/max pass to
+  the writers, whose codecs release the GIL (see :mod:`phpn_core.chunkio`). A writer failure is raised in the
+  calling thread, after the chunks already queued are written.
 - **Honest.** Features are written as computed: negative values (a module whose ``nonnegative`` is False, e.g.
   ConvNeXt) are not clamped; the observed minimum and maximum are returned in :class:`ExtractionResult`.
 
@@ -56,8 +60,8 @@ log = logging.getLogger(__name__)
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 # Writer threads, and chunks queued for or being written (bounds host memory: <= 6 x 4 MiB chunks). Several writers
-# overlap each chunk's fixed storage latency (three sequential Zarr writes; on S3 three PUTs of ~10-50 ms): one writer
-# would cap S3 at ~10 chunks/s, below what a GPU produces. Locally they are idle most of the time.
+# overlap each chunk's fixed storage latency (two sequential store calls; on S3 two rounds of PUTs of ~10-50 ms): one
+# writer would cap S3 at ~20 chunks/s, below what a GPU produces. Locally they are idle most of the time.
 _WRITERS = 4
 _QUEUE_DEPTH = 6
 _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)  # BatchNorm, InstanceNorm, Dropout

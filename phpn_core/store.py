@@ -44,7 +44,7 @@ import torch
 import zarr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from phpn_core.chunkio import ChunkEncoder, put_chunks
+from phpn_core.chunkio import ChunkEncoder, gather_settled, put_chunks
 from phpn_core.errors import InputValueError, PhpnError, SchemaMismatchError, ShapeError, StoreError
 from phpn_core.uri import StorageLocation, parse_uri, redact, resolve_storage_options
 
@@ -819,16 +819,13 @@ def _create_group(
     have data, then set ``layout_complete`` (an interrupted create is detected by its absence and rebuilt). One call
     into zarr's event loop: ~10 sequential metadata writes become one concurrent batch (on S3, one round trip's
     latency instead of ten)."""
-    import asyncio
-
     from zarr.api.asynchronous import open_group
     from zarr.core.sync import sync
 
     async def build() -> zarr.Group:
         group = await open_group(store=zstore, mode="w", zarr_format=3, attributes={_ATTR_KEY: meta})
-        made = await asyncio.gather(*(group.create_array(name, **opts) for name, opts, _ in arrays))
-        await asyncio.gather(*(a.setitem(slice(None), data) for a, (_, _, data) in zip(made, arrays)
-                               if data is not None))
+        made = await gather_settled(group.create_array(name, **opts) for name, opts, _ in arrays)
+        await gather_settled(a.setitem(slice(None), data) for a, (_, _, data) in zip(made, arrays) if data is not None)
         await group.update_attributes({_ATTR_KEY: {**meta, "layout_complete": True}})
         return zarr.Group(group)
 

@@ -124,3 +124,27 @@ def test_remote_put_goes_through_the_store(s3_server, s3_bucket):
     assert back.missing_chunks() == []
     for c in back.classes:
         assert torch.equal(back.class_features(c), torch.from_numpy(feats[back.class_indices(c)]))
+
+
+def test_gather_settled_lets_every_sibling_finish_before_raising():
+    import asyncio
+
+    from phpn_core.chunkio import gather_settled
+
+    finished = []
+
+    async def slow(i: int) -> int:
+        await asyncio.sleep(0.05)
+        finished.append(i)
+        return i
+
+    async def fails() -> None:
+        raise OSError("disk vanished")
+
+    async def main() -> None:
+        with pytest.raises(OSError, match="disk vanished"):
+            await gather_settled([fails(), slow(1), slow(2)])
+        assert sorted(finished) == [1, 2]  # plain asyncio.gather would have raised with both still running
+        assert await gather_settled(slow(i) for i in (3, 4)) == [3, 4]
+
+    asyncio.run(main())
