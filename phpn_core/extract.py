@@ -550,8 +550,9 @@ def _layout(p: torch.Tensor) -> torch.memory_format | None:
 
 
 def _rows(parts: list[torch.Tensor]) -> np.ndarray:
-    # One part (the common case: a chunk is one batch): a zero-copy, possibly strided, view; write_chunk's own
-    # copy into its block then does the transpose/cast. Several parts: concatenated here, off the compute thread.
+    # One part (the common case: a chunk is one batch): a zero-copy, possibly strided, view; write_chunk encodes a
+    # whole chunk already in the store's layout and dtype straight from it, else its copy into the chunk block
+    # transposes and casts. Several parts: concatenated here, off the compute thread.
     if len(parts) == 1:
         return parts[0].numpy()
     return np.concatenate([p.numpy() for p in parts])
@@ -598,7 +599,7 @@ class _Writer:
             finally:
                 self.slots.release()
             if job.buffer is not None:
-                self.free.put(job.buffer)  # write_chunk copied the data: the buffer can be reused
+                self.free.put(job.buffer)  # write_chunk has encoded and stored the data: the buffer can be reused
             self.done.put((job.chunk, job.n, lo, hi))
 
     def raise_if_failed(self) -> None:

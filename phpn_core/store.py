@@ -247,8 +247,8 @@ class FeatureStore:
         _offsets_counts: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         # Private: use create() or open().
+        # True when create() has just built this store new: nothing is written yet, so progress need not be read.
         self.created_empty = False
-        """True when :meth:`create` has just built this store new (nothing written yet: no need to read progress)."""
         self._loc = _loc
         self._options = _options
         self._group = _group
@@ -698,12 +698,12 @@ class FeatureStore:
                 f"keypoints given for chunk {k} but this store holds none: expected keypoints=None, got an array. "
                 "Fix: drop them, or create the store with keypoints_shape=(P, 3)."
             )
-        c = start // self._ipc  # the chunk's coordinate along the row axis
         with self._io(f"write chunk {k} of", write=True):
-            # The whole chunk (padding included): one object per array, no read-modify-write.
-            parts = [("features", (c, 0, 0, 0), block)]
+            # The whole chunk (padding included; store chunk k is zarr chunk k along the rows): one object per
+            # array, no read-modify-write.
+            parts = [("features", (k, 0, 0, 0), block)]
             if kblock is not None:
-                parts.append(("keypoints", (c, 0, 0), kblock))
+                parts.append(("keypoints", (k, 0, 0), kblock))
             self._put(parts)
         self._mark_done(k)
         return lo, hi
@@ -714,7 +714,8 @@ class FeatureStore:
 
     def _put(self, parts: list[tuple[str, tuple[int, ...], np.ndarray]]) -> None:
         """Write whole chunks ``(array name, chunk coords, block)``: encoded here (in the calling thread, GIL released
-        by the codecs) and stored in one event-loop call; zarr's own indexing path for codec chains chunkio lacks."""
+        by the codecs) and stored by :func:`~phpn_core.chunkio.put_chunks`; through zarr's own ``__setitem__`` for
+        codec chains chunkio does not know."""
         encoders = [self._encoder(name) for name, _, _ in parts]
         if all(e is not None for e in encoders):
             put_chunks([(e, coords, e.encode(block)) for e, (_, coords, block) in zip(encoders, parts)])
