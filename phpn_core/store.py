@@ -660,7 +660,7 @@ class FeatureStore:
             _copy_into(block[:m], arr)  # casts and/or transposes (a copy: the caller's data is never touched)
         # min and max propagate NaN and reach inf whenever one value is: one pass checks finiteness and gives the
         # stats (torch's aminmax: a single pass that releases the GIL).
-        lo, hi = (float(v) for v in torch.aminmax(torch.from_numpy(block[:m]))) if m else (0.0, 0.0)
+        lo, hi = _min_max(block[:m])
         if not (math.isfinite(lo) and math.isfinite(hi)):
             overflow = np.isfinite(arr).all()
             raise InputValueError(
@@ -905,15 +905,40 @@ def _io(
         ) from None
 
 
+def _torch_view(a: np.ndarray) -> torch.Tensor | None:
+    """A zero-copy tensor over ``a``, or None where torch cannot (or should not) view it: negative strides, dtypes
+    torch lacks, read-only arrays (torch warns on each of those)."""
+    if not a.flags.writeable:
+        return None
+    try:
+        return torch.from_numpy(a)
+    except (ValueError, TypeError):
+        return None
+
+
 def _copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src`` with the cast: torch's copy (vectorised float16 conversion, GIL released: ~20x faster than
     numpy's, which holds the GIL and so slows a forward pass running in another thread); numpy for what torch cannot
-    view (negative strides). Overflow to float16 gives inf, as numpy's cast does (the caller checks finiteness)."""
-    try:
-        torch.from_numpy(dst).copy_(torch.from_numpy(src))
-    except (ValueError, TypeError):
-        with np.errstate(over="ignore", invalid="ignore"):
-            dst[...] = src
+    view. Overflow to float16 gives inf, as numpy's cast does (the caller checks finiteness)."""
+    t_src, t_dst = _torch_view(src), _torch_view(dst)
+    if t_src is not None and t_dst is not None:
+        t_dst.copy_(t_src)
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        dst[...] = src
+
+
+def _min_max(a: np.ndarray) -> tuple[float, float]:
+    """(min, max) of ``a`` in one pass (torch's aminmax, GIL released; numpy's two passes where torch cannot view
+    it); NaN anywhere gives NaN and inf reaches the max or min, so the result also tells whether all is finite.
+    (0.0, 0.0) for an empty array."""
+    if a.size == 0:
+        return 0.0, 0.0
+    t = _torch_view(a)
+    if t is None:
+        return float(a.min()), float(a.max())
+    lo, hi = torch.aminmax(t)
+    return float(lo), float(hi)
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:

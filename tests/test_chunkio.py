@@ -148,3 +148,22 @@ def test_gather_settled_lets_every_sibling_finish_before_raising():
         assert await gather_settled(slow(i) for i in (3, 4)) == [3, 4]
 
     asyncio.run(main())
+
+
+def test_read_only_and_negatively_strided_inputs_are_written_without_warnings(tmp_path):
+    import warnings
+
+    ours, _, feats, _ = _pair(tmp_path, "zstd", "float16", parts=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on non-writable arrays: they must take the numpy path
+        for k in range(ours.n_chunks):
+            rows = np.ascontiguousarray(feats[ours.chunk_indices(k)])
+            if k % 2:
+                rows.flags.writeable = False
+            else:
+                rows = rows[::-1].copy()[::-1]  # same values, negative strides
+            lo, hi = ours.write_chunk(k, rows)
+            assert (lo, hi) == (float(rows.astype(np.float16).min()), float(rows.astype(np.float16).max()))
+    for c in ours.classes:
+        want = torch.from_numpy(feats[ours.class_indices(c)].astype("float16")).float()
+        assert torch.equal(ours.class_features(c), want)
