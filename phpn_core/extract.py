@@ -654,16 +654,6 @@ class _Run:
         self.fmin: float | None = None
         self.fmax: float | None = None
 
-    def _normalize_(self, x: torch.Tensor) -> torch.Tensor:
-        """``normalize(x, mean, std)`` in place (the same operations and values): the batch is this run's own copy
-        (the collate's stack, or its device copy), and two fresh batch-sized tensors per batch cost page faults and
-        memory traffic that a small model notices."""
-        if not x.is_floating_point():
-            return normalize(x, self.mean, self.std)
-        m = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        s = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return x.sub_(m).div_(s)
-
     def _plan(self, todo: list[int]) -> list[tuple[int, int, int, int, list[int]]]:
         """``(chunk, chunk size m, row0, row1, dataset indices)`` per batch: each chunk is cut into the same
         batches whichever other chunks are computed."""
@@ -722,7 +712,8 @@ class _Run:
                     if batch["image_id"] != [self.ids[i] for i in idx]:
                         raise _id_mismatch(self.dataset, idx, batch["image_id"], self.ids)
                     x = batch["image"].to(self.dev, non_blocking=True)
-                    out = self.features(self._normalize_(x))
+                    # in place: the batch is this run's own copy (the collate's stack, or its device copy)
+                    out = self.features(normalize(x, self.mean, self.std, inplace=True))
                     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(idx), D, h, w):
                         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                         raise ShapeError(

@@ -244,7 +244,7 @@ class FeatureStore:
         _group: zarr.Group,
         _meta: dict[str, Any],
         _schema: FeatureSchema,
-        _offsets_counts: tuple[np.ndarray, np.ndarray] | None = None,
+        _layout: _Layout | None = None,
     ) -> None:
         # Private: use create() or open().
         # True when create() has just built this store new: nothing is written yet, so progress need not be read.
@@ -258,8 +258,9 @@ class FeatureStore:
         self._ipc = int(_meta["images_per_chunk"])
         kp = _meta.get("keypoints_shape")
         self._kp_shape: tuple[int, int] | None = (int(kp[0]), int(kp[1])) if kp is not None else None
-        if _offsets_counts is not None:  # create() has them in hand
-            self._class_offsets, self._class_counts = (np.asarray(a, dtype=np.int64) for a in _offsets_counts)
+        if _layout is not None:  # create() has just computed it: spare the reads
+            self.__dict__["_layout"] = _layout  # seeds the cached property
+            self._class_offsets, self._class_counts = _layout.class_offsets, _layout.class_counts
         else:
             with self._io("read the layout of"):
                 self._class_offsets = np.asarray(_group["class_offsets"][:], dtype=np.int64)
@@ -371,9 +372,7 @@ class FeatureStore:
         with _io("create the feature store at", loc, opts, secrets, write=True):
             group = _create_group(zstore, meta, arrays)
         meta = {**meta, "layout_complete": True}
-        store = cls(_loc=loc, _options=opts, _group=group, _meta=meta, _schema=schema,
-                    _offsets_counts=(layout.class_offsets, layout.class_counts))
-        store.__dict__["_layout"] = layout  # already computed; spare the reads
+        store = cls(_loc=loc, _options=opts, _group=group, _meta=meta, _schema=schema, _layout=layout)
         store.created_empty = True
         return store
 

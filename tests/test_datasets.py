@@ -438,3 +438,19 @@ def test_fashion_mnist_real_files():
     assert len(ds) == 30 and sorted(set(ds.labels)) == list(range(10))
     s = ds[0]
     assert s["image"].shape == (3, 28, 28) and 0.0 <= s["image"].min() and s["image"].max() <= 1.0
+
+
+def test_normalize_in_place_gives_the_same_values_in_the_same_tensor():
+    from phpn_core.data.base import normalize
+
+    x = torch.rand(2, 3, 5, 5)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    want = normalize(x, mean, std)
+    y = x.clone()
+    got = normalize(y, mean, std, inplace=True)
+    assert got is y and torch.equal(got, want)
+    assert not torch.equal(normalize(x, mean, std), x)  # the default leaves its input alone
+    ints = torch.randint(0, 2, (1, 3, 2, 2))
+    before = ints.clone()
+    normalize(ints, mean, std, inplace=True)
+    assert torch.equal(ints, before)  # integer images cannot hold the result: never modified

@@ -35,8 +35,14 @@ class Sample(_SampleRequired, total=False):
     keypoints: torch.Tensor
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """Normalise images ``[B, 3, H, W]`` (or ``[3, H, W]``) in ``[0, 1]``; returns a new tensor, same shape."""
+def normalize(images: torch.Tensor, mean, std, *, inplace: bool = False) -> torch.Tensor:
+    """Normalise images ``[B, 3, H, W]`` (or ``[3, H, W]``) in ``[0, 1]``; returns a new tensor, same shape.
+
+    ``inplace=True`` (floating-point images only) overwrites ``images`` with the same values instead: for a batch
+    the caller owns, it spares two batch-sized allocations (page faults and memory traffic a small model notices).
+    """
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    if inplace and images.is_floating_point():
+        return images.sub_(m).div_(s)
     return (images - m) / s
