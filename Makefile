@@ -43,7 +43,7 @@ cluster-down: $(STAMP)
 
 # Only the cluster tests (also part of `make test`).
 test-cluster: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests/test_cluster.py
+	$(BIN)/python -m pytest -q tests/flows/test_cluster.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/nmf_vs_sklearn.py

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phpn_core.store import COMPRESSIONS, FeatureSchema, FeatureStore  # noqa: E402
+from phpn_core.storage.feature_store import FeatureSchema, FeatureStore
+from phpn_core.storage.schema import COMPRESSIONS  # noqa: E402
 
 N_CHUNKS, IPC, SHAPE, P = 40, 30, (14, 14, 128), 12
 

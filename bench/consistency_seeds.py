@@ -1,7 +1,7 @@
 """ProtoEval consistency/stability of phpn vs plain NMF and DFF over data seeds, in process (no Prefect, no Ray).
 
 For each seed: the demo's recipe (SynthParts 8 classes, SynthPartsCNN trained 12 epochs at the given stride, k=3),
-decomposed with each refinement target, then :func:`phpn_core.suite.evaluate_all` on the test split. Prints one
+decomposed with each refinement target, then :func:`phpn_core.evaluation.suite.evaluate_all` on the test split. Prints one
 row per (seed, target): consistency and stability of phpn, plain NMF (before scaling/refinement) and DFF. This is
 the table in README "Interpretability".
 
@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from phpn_core import PartPrototypeHead, decompose_head  # noqa: E402
-from phpn_core.backbones import split_classifier  # noqa: E402
+from phpn_core.models.split import split_classifier  # noqa: E402
 from phpn_core.data.base import normalize  # noqa: E402
 from phpn_core.data.synthparts import SynthParts  # noqa: E402
-from phpn_core.models import train_synthparts_cnn  # noqa: E402
-from phpn_core.suite import evaluate_all  # noqa: E402
+from phpn_core.models.synthparts_cnn import train_synthparts_cnn  # noqa: E402
+from phpn_core.evaluation.suite import evaluate_all  # noqa: E402
 
 
 def class_features(features, ds, batch_size: int = 128) -> dict[int, torch.Tensor]:

@@ -43,12 +43,12 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phpn_core.backbones import split_classifier  # noqa: E402
+from phpn_core.models.split import split_classifier  # noqa: E402
 from phpn_core.data.base import normalize  # noqa: E402
 from phpn_core.data.synthparts import SynthParts  # noqa: E402
 from phpn_core.extract import _collate, extract_features  # noqa: E402
-from phpn_core.models import SynthPartsCNN  # noqa: E402
-from phpn_core.store import FeatureStore  # noqa: E402
+from phpn_core.models.synthparts_cnn import SynthPartsCNN  # noqa: E402
+from phpn_core.storage.feature_store import FeatureStore  # noqa: E402
 
 
 class Cached(Dataset):

@@ -17,7 +17,7 @@ Measured in the same process, same cluster:
 
     .venv/bin/python bench/sweep_load.py [--configs 8] [--classes 4] [--out runs/bench-sweep-load]
 
-Exit status 1 when an entry is missing or wrong. ``run_sweep_load`` is what tests/test_faults.py calls.
+Exit status 1 when an entry is missing or wrong. ``run_sweep_load`` is what tests/flows/test_faults.py calls.
 """
 
 from __future__ import annotations
@@ -120,10 +120,9 @@ def base_config(checkpoint: str, n_classes: int, registry: str) -> dict:
 
 def check_entries(out: Path, rows: list[dict], registry: str) -> list[str]:
     """Problems with the sweep's entries (empty: all correct)."""
-    import torch
 
-    from phpn_core.registry import PrototypeRegistry
-    from phpn_core.tensorio import read_tensors
+    from phpn_core.storage.registry import PrototypeRegistry
+    from phpn_core.storage.tensorio import read_tensors
 
     problems = []
     reg = PrototypeRegistry(registry)
@@ -156,7 +155,7 @@ def run_sweep_load(out: str | Path, *, n_configs: int = 8, n_classes: int = 4, c
     from flows.sweep import sweep_flow
     from phpn_core.config import DatasetConfig, SweepConfig, load_config
     from phpn_core.data.factory import build_dataset
-    from phpn_core.models import save_model, train_synthparts_cnn
+    from phpn_core.models.synthparts_cnn import save_model, train_synthparts_cnn
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

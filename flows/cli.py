@@ -126,7 +126,7 @@ def sweep(
 def registry_list(uri: str = typer.Argument(..., help="registry URI (path or s3://bucket/prefix)")) -> None:
     """List the published entries."""
     from phpn_core.errors import PhpnError
-    from phpn_core.registry import PrototypeRegistry
+    from phpn_core.storage.registry import PrototypeRegistry
 
     try:
         entries = PrototypeRegistry(uri).entries()
@@ -144,7 +144,7 @@ def registry_list(uri: str = typer.Argument(..., help="registry URI (path or s3:
 def registry_show(uri: str = typer.Argument(...), entry: str = typer.Argument(...)) -> None:
     """Show one entry's metadata as JSON."""
     from phpn_core.errors import PhpnError
-    from phpn_core.registry import PrototypeRegistry
+    from phpn_core.storage.registry import PrototypeRegistry
 
     try:
         info = PrototypeRegistry(uri).info(entry)
@@ -166,7 +166,7 @@ def explain(
 ) -> None:
     """Explain one image: top classes, their prototypes' contributions and heatmaps over the image."""
     from phpn_core.errors import PhpnError
-    from phpn_core.explain_image import explain_image_file
+    from phpn_core.report.explain import explain_image_file
 
     try:
         path = explain_image_file(image, registry_uri=registry, entry_id=entry, out=out, top=top,

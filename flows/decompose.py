@@ -30,7 +30,7 @@ METRIC_KEYS = ("accuracy_original", "accuracy_decomposed", "max_abs_logit_diff",
 @task(cache_policy=NO_CACHE, name="write-linear-head", task_run_name="write-linear-head")
 def write_linear_head(model_rec: dict, uri: str) -> dict:
     """Write the classifier's linear head (weight [C, D], bias [C]) by URI, for the shard tasks."""
-    from phpn_core.tensorio import write_tensors
+    from phpn_core.storage.tensorio import write_tensors
     from tasks.prepare import load_classifier
 
     _, _, weight, bias = load_classifier(model_rec)
@@ -72,7 +72,7 @@ def _shard_pins(names: list[str], n_shards: int) -> list[str | None]:
 
 
 def _entry_id(cfg: RunConfig, model_rec: dict) -> str:
-    from phpn_core.registry import PrototypeRegistry
+    from phpn_core.storage.registry import PrototypeRegistry
 
     digest = hashlib.sha256((cfg.digest() + model_rec["digest"]).encode()).hexdigest()[:16]
     return PrototypeRegistry.entry_id(cfg.model.arch, cfg.dataset.kind, cfg.decompose.k, digest)
@@ -166,7 +166,7 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
 
 
 def _publish_artifacts(cfg: RunConfig, entry_id: str, metrics: dict, records: list[dict], registry_uri: str) -> None:
-    from phpn_core.registry import PrototypeRegistry
+    from phpn_core.storage.registry import PrototypeRegistry
 
     arrays = PrototypeRegistry(registry_uri).load_arrays(entry_id)
     rows = []

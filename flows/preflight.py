@@ -6,7 +6,7 @@ from pathlib import Path
 
 from phpn_core.config import RunConfig
 from phpn_core.errors import StoreError
-from phpn_core.uri import parse_uri, redact, resolve_storage_options
+from phpn_core.storage.uri import parse_uri, redact, resolve_storage_options
 
 
 def check_store_reachable(uri: str) -> None:

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .uri import parse_uri
+from phpn_core.errors import ConfigError
+from phpn_core.storage.uri import parse_uri
 
 __all__ = [
     "ModelConfig", "DatasetConfig", "DecomposeConfig", "ComputeConfig", "StorageConfig", "EvalConfig",

@@ -1,6 +1,6 @@
-"""Feature extraction: run a feature extractor over a dataset into a :class:`~phpn_core.store.FeatureStore`.
+"""Feature extraction: run a feature extractor over a dataset into a :class:`~phpn_core.storage.feature_store.FeatureStore`.
 
-:func:`extract_features` fills the store chunk by chunk (see :mod:`phpn_core.store` for the layout):
+:func:`extract_features` fills the store chunk by chunk (see :mod:`phpn_core.storage.feature_store` for the layout):
 
 - **Resumable.** Only the chunks in ``store.missing_chunks()`` are computed; finished chunks are kept, and a chunk
   whose write was interrupted (data written, done marker not) is simply rewritten. A crash, a kill or an exception
@@ -15,7 +15,7 @@
   that holds the GIL in another thread, slows the forward pass itself: it normalises in place, makes no copy of
   the output on the CPU (a channels-last output is already the store's layout: a whole chunk is encoded straight
   from it; otherwise the store's copy into its chunk block transposes and casts), and leaves the min/max pass to
-  the writers, whose codecs release the GIL (see :mod:`phpn_core.chunkio`). A writer failure is raised in the
+  the writers, whose codecs release the GIL (see :mod:`phpn_core.storage.chunkio`). A writer failure is raised in the
   calling thread, after the chunks already queued are written.
 - **Honest.** Features are written as computed: negative values (a module whose ``nonnegative`` is False, e.g.
   ConvNeXt) are not clamped; the observed minimum and maximum are returned in :class:`ExtractionResult`.
@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from phpn_core.data.base import normalize
 from phpn_core.errors import InputValueError, SchemaMismatchError, ShapeError
-from phpn_core.store import Compression, FeatureSchema, FeatureStore
+from phpn_core.storage.feature_store import Compression, FeatureSchema, FeatureStore
 
 __all__ = [
     "ChunkWritten",
@@ -270,7 +270,7 @@ def build_schema(
         features: x ``[B, 3, S, S]`` (normalised) -> ``[B, D, h, w]``, in eval mode (e.g. from ``split_classifier``).
         dataset: a phpn dataset (see :mod:`phpn_core.data.base`).
         model: model name recorded in the schema; default ``features.arch``.
-        checkpoint_digest: the weights' identity, e.g. :func:`phpn_core.modelspec.checkpoint_digest` (required:
+        checkpoint_digest: the weights' identity, e.g. :func:`phpn_core.models.spec.checkpoint_digest` (required:
             two different weights must never share a store).
         split: default ``dataset.split``.
         layer: which layer the features come from (recorded; default ``"features"``).
@@ -295,7 +295,7 @@ def build_schema(
     if not isinstance(checkpoint_digest, str) or not checkpoint_digest:
         raise InputValueError(
             f"checkpoint_digest must be a non-empty string, got {checkpoint_digest!r}. Fix: pass "
-            "phpn_core.modelspec.checkpoint_digest(path) ('none' for random weights)."
+            "phpn_core.models.spec.checkpoint_digest(path) ('none' for random weights)."
         )
     if split is None:
         split = getattr(dataset, "split", None)
@@ -406,7 +406,7 @@ def extract_features(
         storage_options: s3fs options for ``s3://`` URIs (None: from the environment).
         overwrite: delete whatever is at ``uri`` first.
         progress: show a progress bar (rich, on stderr).
-        compression: feature-chunk compression of a new store, see :data:`phpn_core.store.COMPRESSIONS`.
+        compression: feature-chunk compression of a new store, see :data:`phpn_core.storage.feature_store.COMPRESSIONS`.
         channels_last: run ``features`` with its weights in PyTorch's channels-last memory format (they are
             restored to its own layout afterwards). The output is then already laid out as the store keeps it (no
             transposing copy), and convolutions are often faster in it on CPUs and GPUs; values equal the standard
@@ -449,7 +449,7 @@ def extract_features(
         if checkpoint_digest is None:
             raise InputValueError(
                 "checkpoint_digest is required: expected the identity of the weights, got None. Fix: pass "
-                "checkpoint_digest=phpn_core.modelspec.checkpoint_digest(path) ('none' for random weights), or a "
+                "checkpoint_digest=phpn_core.models.spec.checkpoint_digest(path) ('none' for random weights), or a "
                 "ready schema=."
             )
         schema = build_schema(

@@ -46,7 +46,7 @@ def fault_point(name: str) -> None:
     ``<name>.hold``. Then exactly one process claims that file (atomic rename to ``<name>.held-<pid>``, which also
     tells the test which PID to kill) and waits until ``<name>.release`` appears (at most 120 s), so that a fault
     (SIGKILL of this worker or of the driver, an S3 outage) can be injected while this task holds its work.
-    Used by tests/test_faults.py; never set ``PHPN_FAULT_DIR`` in production.
+    Used by tests/flows/test_faults.py; never set ``PHPN_FAULT_DIR`` in production.
     """
     folder = os.environ.get(FAULT_DIR_ENV)
     if not folder:

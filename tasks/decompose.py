@@ -26,9 +26,9 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
     """
 
     from phpn_core import decompose_head
-    from phpn_core.registry import PrototypeRegistry
-    from phpn_core.store import FeatureStore
-    from phpn_core.tensorio import read_tensors
+    from phpn_core.storage.registry import PrototypeRegistry
+    from phpn_core.storage.feature_store import FeatureStore
+    from phpn_core.storage.tensorio import read_tensors
 
     t0 = time.perf_counter()
     registry = PrototypeRegistry(registry_uri)
@@ -56,8 +56,8 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
       retry_condition_fn=retry_on_io)
 def publish_entry(*, registry_uri: str, linear_uri: str, entry_id: str, n_classes: int, metadata: dict) -> dict:
     """Gather the staged classes into one atomically published registry entry."""
-    from phpn_core.registry import PrototypeRegistry
-    from phpn_core.tensorio import read_tensors
+    from phpn_core.storage.registry import PrototypeRegistry
+    from phpn_core.storage.tensorio import read_tensors
 
     linear, _ = read_tensors(linear_uri)
     info = PrototypeRegistry(registry_uri).publish(entry_id, n_classes=n_classes, bias=linear["bias"].float(),

@@ -29,10 +29,10 @@ def _test_features(store):
 def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: str, entry_id: str) -> dict:
     """Accuracy of the original and the decomposed head on the stored test features, max logit difference,
     max head-reconstruction error."""
-    from phpn_core.evaluate import head_reconstruction_error
-    from phpn_core.registry import PrototypeRegistry
-    from phpn_core.store import FeatureStore
-    from phpn_core.tensorio import read_tensors
+    from phpn_core.evaluation.parity import head_reconstruction_error
+    from phpn_core.storage.registry import PrototypeRegistry
+    from phpn_core.storage.feature_store import FeatureStore
+    from phpn_core.storage.tensorio import read_tensors
 
     head, _ = PrototypeRegistry(registry_uri).load(entry_id)
     linear, _ = read_tensors(linear_uri)
@@ -54,8 +54,8 @@ def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: st
 def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, out_dir: str) -> dict:
     """ProtoEval consistency and stability of the prototypes (and of the baselines), on the test split."""
     from phpn_core.data.factory import build_dataset
-    from phpn_core.suite import evaluate_all
-    from phpn_core.registry import PrototypeRegistry
+    from phpn_core.evaluation.suite import evaluate_all
+    from phpn_core.storage.registry import PrototypeRegistry
 
     from .prepare import load_classifier
 
@@ -81,9 +81,9 @@ def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, ent
                       metrics: dict, out_dir: str) -> dict:
     """The HTML report (heatmaps, galleries, contributions, metric table) and its PNGs under ``out_dir``."""
     from phpn_core.data.factory import build_dataset
-    from phpn_core.registry import PrototypeRegistry
-    from phpn_core.report import build_report
-    from phpn_core.store import FeatureStore
+    from phpn_core.storage.registry import PrototypeRegistry
+    from phpn_core.report.html import build_report
+    from phpn_core.storage.feature_store import FeatureStore
 
     from .prepare import load_classifier
 

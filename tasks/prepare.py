@@ -18,13 +18,13 @@ def prepare_model(cfg: RunConfig, out_dir: str) -> dict:
     """The classifier's spec and checkpoint digest; trains the synthparts CNN when no checkpoint is given
     (once: a finished checkpoint under ``out_dir`` is reused)."""
     from phpn_core.data.factory import build_dataset
-    from phpn_core.modelspec import checkpoint_digest
+    from phpn_core.models.spec import checkpoint_digest
 
     n_classes = cfg.model.num_classes
     ckpt = cfg.model.checkpoint
     trained = False
     if cfg.model.arch == "synthparts_cnn" and ckpt is None:
-        from phpn_core.models import save_model, train_synthparts_cnn
+        from phpn_core.models.synthparts_cnn import save_model, train_synthparts_cnn
 
         path = Path(out_dir) / "model" / "synthparts_cnn.safetensors"
         # Reused only when trained with the same settings: the sidecar is written after the model.
@@ -48,8 +48,8 @@ def prepare_model(cfg: RunConfig, out_dir: str) -> dict:
 
 
 def load_classifier(model_rec: dict):
-    from phpn_core.backbones import split_classifier
-    from phpn_core.modelspec import ModelSpec, build_model
+    from phpn_core.models.split import split_classifier
+    from phpn_core.models.spec import ModelSpec, build_model
 
     spec = ModelSpec(arch=model_rec["arch"], checkpoint=model_rec["checkpoint"],
                      num_classes=model_rec["num_classes"], input_size=model_rec["input_size"])
@@ -96,8 +96,8 @@ def check_inputs(cfg: RunConfig, out_dir: str | None = None) -> dict:
     from phpn_core.data.factory import build_dataset
     from phpn_core.data.images import ImageLoadError, find_unreadable
     from phpn_core.errors import InputValueError
-    from phpn_core.modelspec import CheckpointError, ModelSpec, build_model
-    from phpn_core.backbones import split_classifier
+    from phpn_core.models.spec import CheckpointError, ModelSpec, build_model
+    from phpn_core.models.split import split_classifier
 
     roots = [cfg.storage.features_uri or (out_dir and str(Path(out_dir) / "features")),
              cfg.storage.registry_uri or (out_dir and str(Path(out_dir) / "registry"))]
@@ -171,7 +171,7 @@ def refuse_escaping_links(uri: str) -> None:
     import os
 
     from phpn_core.errors import StoreError
-    from phpn_core.uri import parse_uri
+    from phpn_core.storage.uri import parse_uri
 
     loc = parse_uri(uri)
     if loc.is_remote or not os.path.isdir(loc.path):

@@ -8,7 +8,7 @@ config give either a valid RunConfig or a ConfigError naming the key path, never
 
 Cases already covered deeper elsewhere (not repeated here): decompose_class/head argument checks
 (test_decompose), registry id/argument checks (test_registry), URI parsing (test_uri), store write checks
-(test_store), image decoding details (test_datasets), checkpoint loading details (test_modelspec).
+(test_feature_store), image decoding details (test_datasets), checkpoint loading details (test_spec).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _cfg(**over) -> RunConfig:
 
 
 def _synthparts_checkpoint(path: Path, n_classes: int = 3, *, seed: int = 0, nan: bool = False) -> str:
-    from phpn_core.models import SynthPartsCNN, save_model
+    from phpn_core.models.synthparts_cnn import SynthPartsCNN, save_model
 
     torch.manual_seed(seed)
     model = SynthPartsCNN(n_classes)
@@ -170,7 +170,7 @@ def _nan_in_decomposition(tmp: Path):
 
 def _registry_call(entry_id: str):
     def run(tmp: Path):
-        from phpn_core.registry import PrototypeRegistry
+        from phpn_core.storage.registry import PrototypeRegistry
 
         PrototypeRegistry(tmp / "registry").load(entry_id)
 
@@ -266,7 +266,7 @@ def test_bad_input_is_refused_with_what_and_where(case: Case, tmp_path):
 def test_check_inputs_runs_before_any_compute_in_the_flow(phpn_runtime, tmp_path):
     """The flow refuses a bad checkpoint before its first task: nothing is trained, extracted or staged."""
     from flows.decompose import decompose_flow
-    from phpn_core.modelspec import CheckpointError
+    from phpn_core.models.spec import CheckpointError
 
     cfg = _cfg(model={"arch": "resnet18", "checkpoint": _synthparts_checkpoint(tmp_path / "sp.safetensors")})
     with pytest.raises(CheckpointError, match="does not fit resnet18"):

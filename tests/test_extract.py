@@ -18,14 +18,14 @@ import torch
 import zarr
 from torch import nn
 
-from phpn_core.backbones import split_classifier
+from phpn_core.models.split import split_classifier
 from phpn_core.data.base import normalize
 from phpn_core.data.images import ImageLoadError
 from phpn_core.data.synthparts import SynthParts
 from phpn_core.errors import InputValueError, SchemaMismatchError, ShapeError, StoreError
 from phpn_core.extract import build_schema, dataset_fingerprint, extract_features
-from phpn_core.models import SynthPartsCNN, save_model
-from phpn_core.store import FeatureStore
+from phpn_core.models.synthparts_cnn import SynthPartsCNN, save_model
+from phpn_core.storage.feature_store import FeatureStore
 
 THREADS = 2  # the same in the killed child process, so that its chunks are bit-identical to ours
 torch.set_num_threads(THREADS)
@@ -93,7 +93,7 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def features(model_file):
-    from phpn_core.models import load_model
+    from phpn_core.models.synthparts_cnn import load_model
 
     return split_classifier(load_model(model_file))[0]
 
@@ -213,7 +213,7 @@ CHILD = textwrap.dedent(
     torch.set_num_threads({threads})
     from phpn_core.data.synthparts import SynthParts
     from phpn_core.extract import extract_features
-    from phpn_core.models import load_model
+    from phpn_core.models.synthparts_cnn import load_model
 
     # The trunk itself (what split_classifier wraps, with no shift): spares importing torchvision in the child.
     features = load_model({model!r}).features
@@ -400,7 +400,7 @@ def test_s3_round_trip(s3_server, s3_bucket, features, ds, reference):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_extraction_matches_cpu(tmp_path, model_file, ds, reference):
-    from phpn_core.models import load_model
+    from phpn_core.models.synthparts_cnn import load_model
 
     gpu_features = split_classifier(load_model(model_file))[0]  # its own copy: extraction moves it to the GPU
     for dtype in ("float32", "float16"):

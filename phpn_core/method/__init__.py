@@ -1,0 +1,17 @@
+"""The method, pure torch: NMF discovery, scaling + refinement, and the part-prototype head.
+
+Imports only torch, numpy, safetensors and the standard library; nothing else of phpn_core.
+
+- :mod:`~phpn_core.method.nmf`: batched multiplicative-update NMF, ``X [B, m, D] ~ E [B, m, k] @ P [B, k, D]``.
+- :mod:`~phpn_core.method.decompose`: per class, ``v_c [D] == sum_i p~_i`` exactly from the features ``F_c``.
+- :mod:`~phpn_core.method.head`: :class:`PartPrototypeHead`, logits and explanations from a feature map.
+"""
+
+from phpn_core.method.decompose import ClassDecomposition, HeadDecomposition, decompose_class, decompose_head
+from phpn_core.method.head import Explanation, PartPrototypeHead
+from phpn_core.method.nmf import NMFResult, nmf
+
+__all__ = [
+    "nmf", "NMFResult", "decompose_class", "decompose_head", "ClassDecomposition", "HeadDecomposition",
+    "PartPrototypeHead", "Explanation",
+]

@@ -1,0 +1,8 @@
+"""Showing a decomposition to people (captum's split: the algorithms live elsewhere, drawing lives here).
+
+- :mod:`~phpn_core.report.figures`: heatmap overlays, contribution bars, prototype galleries, PNG helpers;
+- :mod:`~phpn_core.report.html`: the self-contained HTML report of a run;
+- :mod:`~phpn_core.report.explain`: one image explained by a registry entry (``phpn explain``).
+
+May import everything else in phpn_core; nothing in phpn_core imports report except report itself.
+"""
