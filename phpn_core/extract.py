@@ -490,8 +490,8 @@ def extract_features(
     if fmin is not None and fmin < 0:
         if nonneg is False:
             log.warning(
-                "feature store %s: features are signed (min %.4g); %s declares nonnegative=False, so NMF-based "
-                "discovery needs its own handling of them (they were stored as computed, not clamped)",
+                "feature store %s: features are signed (min %.4g; %s declares nonnegative=False): stored as "
+                "computed, not clamped; decompose.discovery 'auto' factorises them by semi-NMF",
                 store.uri, fmin, type(features).__name__,
             )
         else:

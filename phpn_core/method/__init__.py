@@ -10,8 +10,9 @@ Imports only torch, numpy, safetensors and the standard library; nothing else of
 from phpn_core.method.decompose import ClassDecomposition, HeadDecomposition, decompose_class, decompose_head
 from phpn_core.method.head import Explanation, PartPrototypeHead
 from phpn_core.method.nmf import NMFResult, nmf
+from phpn_core.method.semi_nmf import semi_nmf
 
 __all__ = [
     "nmf", "NMFResult", "decompose_class", "decompose_head", "ClassDecomposition", "HeadDecomposition",
-    "PartPrototypeHead", "Explanation",
+    "PartPrototypeHead", "Explanation", "semi_nmf",
 ]

@@ -27,6 +27,16 @@ Choices (named options, with their defaults):
   reinforces ``alpha_i p_i`` instead of cancelling it; ``p~_i``'s map is then ``s_i`` times a map shaped like
   ``F p_i``. Heatmaps and the evaluation use the *oriented* map ``s_i F p~_i`` (see ``head.py``), so "where" is
   where prototype i's part is, whatever the sign of its evidence.
+- ``discovery="auto"``: how step 1 finds the initial prototypes. ``"nmf"`` needs ``F_c >= 0`` (post-ReLU, or a
+  backbone's recorded constant shift). Signed features (LayerNormed ConvNeXt, Swin and ViT tokens) cannot be
+  factorised by NMF: ``"semi_nmf"`` (Ding, Li & Jordan 2010) keeps the mixture weights non-negative and lets the
+  prototypes be signed (a soft k-means of the positions: a prototype is a direction some positions have);
+  ``"shift_nmf"`` runs NMF on ``F_c + s_c``, ``s_c [D] = max(0, -min F_c)`` per channel over the class's training
+  features, and refines on those shifted maps. ``"auto"`` takes ``"nmf"`` for a class whose features are
+  non-negative and ``"semi_nmf"`` otherwise, class by class (so a class's result never depends on its shard).
+  None of this touches exactness: whatever P is, step 4 makes ``sum_i p~_i = v_c``, so
+  ``logit_c = sum_i mean_hw(F p~_i) + b_c`` for every input F, inside the training range or not; and a shift adds
+  only the constant ``s_c . p~_i`` to a map, so heatmaps peak at the same positions.
 - ``refine_ridge=1e-3``: the scale-invariant objective can keep improving as the ``r_i`` grow and cancel each
   other; a ridge on ``sum_i ||F r_i||^2 / ||F R||^2`` keeps the solution finite and the contributions readable.
 """
@@ -40,11 +50,15 @@ from dataclasses import dataclass, field
 import torch
 
 from phpn_core.method.nmf import nmf
+from phpn_core.method.semi_nmf import semi_nmf
 
-__all__ = ["decompose_class", "decompose_head", "ClassDecomposition", "HeadDecomposition", "refine"]
+__all__ = ["decompose_class", "decompose_head", "ClassDecomposition", "HeadDecomposition", "refine", "DISCOVERIES"]
 
 NORMALIZATIONS = ("l2", "none")
 TARGETS = ("residual", "prototype")
+DISCOVERIES = ("auto", "nmf", "semi_nmf", "shift_nmf")
+# the code each class's discovery is recorded under (diagnostics["discovery"])
+DISCOVERY_CODES = {"nmf": 0, "semi_nmf": 1, "shift_nmf": 2}
 
 
 @dataclass(frozen=True)
@@ -88,7 +102,7 @@ class HeadDecomposition:
 
 # ----------------------------------------------------------------------------------------------- checks
 
-def _check_features(F: torch.Tensor, name: str, D: int | None, k: int) -> None:
+def _check_features(F: torch.Tensor, name: str, D: int | None, k: int, discovery: str = "nmf") -> None:
     if not isinstance(F, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape [n, H, W, D]; got {type(F).__name__}.")
     if F.ndim != 4:
@@ -104,12 +118,13 @@ def _check_features(F: torch.Tensor, name: str, D: int | None, k: int) -> None:
         )
     if not bool(torch.isfinite(F).all()):
         raise ValueError(f"{name}: features contain NaN or inf; expected finite values. Check the extraction.")
-    fmin = float(F.min())
-    if fmin < 0:
-        raise ValueError(
-            f"{name}: features must be non-negative for NMF; got a minimum of {fmin:.4g}. Use post-ReLU "
-            "features or the backbone's recorded shift (split_classifier's FeatureExtractor.shift)."
-        )
+    if discovery == "nmf":
+        fmin = float(F.min())
+        if fmin < 0:
+            raise ValueError(
+                f"{name}: features must be non-negative for discovery='nmf'; got a minimum of {fmin:.4g}. Fix: "
+                "use discovery='auto' or 'semi_nmf' (signed features, e.g. ConvNeXt/Swin/ViT), or post-ReLU features."
+            )
     rows = F.shape[0] * F.shape[1] * F.shape[2]
     if k > min(rows, F.shape[-1]):
         raise ValueError(
@@ -125,11 +140,13 @@ def _check_k(k) -> None:
         raise ValueError(f"k must be >= 1; got k={k}.")
 
 
-def _check_options(normalization: str, target: str) -> None:
+def _check_options(normalization: str, target: str, discovery: str = "auto") -> None:
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}.")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}; got {target!r}.")
+    if discovery not in DISCOVERIES:
+        raise ValueError(f"discovery must be one of {DISCOVERIES}; got {discovery!r}.")
 
 
 # ----------------------------------------------------------------------------------------------- refinement
@@ -273,9 +290,25 @@ def _scale(P: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                               ).solution.squeeze(2)
 
 
+def _discover(X: torch.Tensor, rows: list[int], k: int, seeds: list[int], nmf_options: dict, method: str, device
+              ) -> tuple[object, torch.Tensor]:
+    """Step 1 for a padded batch X ``[C, m, D]``: the NMF-type result and the matrix the maps are taken of."""
+    m = X.shape[1]
+    counts = torch.tensor(rows) if min(rows) != m else None
+    if method == "semi_nmf":
+        # its own stopping defaults: nmf_options tune the NMF solver (rhals, polish, ...)
+        return semi_nmf(X, k, row_counts=counts, item_seeds=seeds, device=device), X
+    if method == "shift_nmf":
+        valid = (torch.arange(m, device=X.device).unsqueeze(0) < torch.tensor(rows, device=X.device).unsqueeze(1))
+        low = torch.where(valid.unsqueeze(-1), X, torch.full_like(X, float("inf"))).amin(1)  # [C, D]
+        X = (X + (-low).clamp_min(0).unsqueeze(1)) * valid.unsqueeze(-1).to(X.dtype)
+    return nmf(X, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options), X
+
+
 def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: list[int], nmf_options: dict,
-                     normalization: str, target: str, ridge: float, refine_iter: int, device) -> dict:
-    """Decompose a batch of classes. Fs: list of ``[N_c, D]``; V ``[C, D]``."""
+                     normalization: str, target: str, ridge: float, refine_iter: int, device,
+                     method: str = "nmf") -> dict:
+    """Decompose a batch of classes. Fs: list of ``[N_c, D]``; V ``[C, D]``; ``method`` one discovery for all."""
     dtype = Fs[0].dtype
     rows = [f.shape[0] for f in Fs]
     m = max(rows)
@@ -283,8 +316,7 @@ def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: lis
     X = torch.zeros(len(Fs), m, D, dtype=dtype, device=device)
     for i, f in enumerate(Fs):
         X[i, : f.shape[0]] = f.to(device)
-    res = nmf(X, k, row_counts=torch.tensor(rows) if min(rows) != m else None, item_seeds=seeds,
-              device=device, **nmf_options)
+    res, X = _discover(X, rows, k, seeds, nmf_options, method, device)
     P = res.P  # [C, k, D]
     V = V.to(device=device, dtype=torch.float64)
     P64 = P.double()
@@ -300,7 +332,8 @@ def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: lis
     protos = protos + ((V - protos.sum(1)) / k).unsqueeze(1)
     out = protos.to(dtype)
     head_err = (out.sum(1) - V.to(dtype)).abs().amax(1)
-    diag.update({"nmf_iter": res.n_iter.cpu(), "nmf_converged": res.converged.cpu()})
+    diag.update({"nmf_iter": res.n_iter.cpu(), "nmf_converged": res.converged.cpu(),
+                 "discovery": torch.full((len(Fs),), float(DISCOVERY_CODES[method]), dtype=torch.float64)})
     return {
         "prototypes": out, "initial": P, "alpha": alpha.to(dtype), "residual": residual.to(dtype),
         "rel_error": res.rel_error, "head_error": head_err, "diagnostics": {n: t.cpu() for n, t in diag.items()},
@@ -317,6 +350,7 @@ def decompose_head(
     target: str = "residual",
     refine_ridge: float = 1e-3,
     refine_iter: int = 100,
+    discovery: str = "auto",
     nmf_options: dict | None = None,
     device: str | torch.device | None = None,
     max_batch_bytes: int = 2 << 30,
@@ -325,13 +359,17 @@ def decompose_head(
     """Decompose the head rows of the given classes, all classes batched through NMF and refinement.
 
     Args:
-        features_by_class: ``{class index: F_c [n_c, H, W, D]}``, float, >= 0. Not modified. Any subset of the
-            head's classes (a shard); results follow ``sorted(features_by_class)``.
+        features_by_class: ``{class index: F_c [n_c, H, W, D]}``, float (>= 0 for ``discovery="nmf"``; signed
+            features are handled by ``"auto"``). Not modified. Any subset of the head's classes (a shard); results
+            follow ``sorted(features_by_class)``.
         weight: ``[C, D]`` the linear head. Not modified.
         k: prototypes per class.
         seed: class c's NMF uses seed ``seed * 1_000_003 + c``, so a class's result does not depend on which
             other classes share its batch or shard.
         normalization, target, refine_ridge, refine_iter: the refinement (see the module docstring).
+        discovery: ``"auto"`` (NMF for non-negative classes, semi-NMF for signed ones), ``"nmf"``, ``"semi_nmf"``
+            or ``"shift_nmf"`` (see the module docstring); recorded per class in ``diagnostics["discovery"]``
+            (:data:`DISCOVERY_CODES`).
         nmf_options: extra keyword options for :func:`phpn_core.method.nmf.nmf` (max_iter, tol, solver, ...).
         device: where to compute (default: the features' device).
         max_batch_bytes: classes are processed in batches whose padded features stay below this size.
@@ -341,7 +379,7 @@ def decompose_head(
         :class:`HeadDecomposition` with prototypes ``[C', k, D]``, ``prototypes.sum(1) == weight[classes]``.
     """
     _check_k(k)
-    _check_options(normalization, target)
+    _check_options(normalization, target, discovery)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise ValueError(
             f"decompose_head: weight must be a tensor of shape [C, D]; got "
@@ -364,7 +402,7 @@ def decompose_head(
             f"{sorted(map(str, dtypes))}, devices {sorted(map(str, devices))}."
         )
     for c in classes:
-        _check_features(features_by_class[c], f"decompose_head: class {c}", D, k)
+        _check_features(features_by_class[c], f"decompose_head: class {c}", D, k, discovery)
     dtype = next(iter(dtypes))
     if weight.dtype != dtype:
         raise TypeError(f"decompose_head: weight dtype {weight.dtype} differs from the features' {dtype}; cast one.")
@@ -372,29 +410,38 @@ def decompose_head(
     opts = dict(nmf_options or {})
 
     flat = {c: features_by_class[c].reshape(-1, D) for c in classes}
-    batches, cur, cur_m = [], [], 0
+    if discovery == "auto":  # class by class, so a class's method never depends on its shard
+        method = {c: "nmf" if float(flat[c].min()) >= 0 else "semi_nmf" for c in classes}
+    else:
+        method = dict.fromkeys(classes, discovery)
+    batches = []
     itemsize = torch.empty((), dtype=dtype).element_size()
-    for c in classes:
-        m_new = max(cur_m, flat[c].shape[0])
-        if cur and (len(cur) + 1) * m_new * D * itemsize > max_batch_bytes:
-            batches.append(cur)
-            cur, m_new = [], flat[c].shape[0]
-        cur.append(c)
-        cur_m = m_new
-    batches.append(cur)
+    for how in DISCOVERIES[1:]:
+        cur, cur_m = [], 0
+        for c in (c for c in classes if method[c] == how):
+            m_new = max(cur_m, flat[c].shape[0])
+            if cur and (len(cur) + 1) * m_new * D * itemsize > max_batch_bytes:
+                batches.append((how, cur))
+                cur, m_new = [], flat[c].shape[0]
+            cur.append(c)
+            cur_m = m_new
+        if cur:
+            batches.append((how, cur))
 
     parts = []
     done = 0
-    for batch in batches:
+    for how, batch in batches:
         parts.append(_decompose_batch(
             [flat[c] for c in batch], weight[batch], k, [seed * 1_000_003 + c for c in batch], opts,
-            normalization, target, refine_ridge, refine_iter, dev,
+            normalization, target, refine_ridge, refine_iter, dev, how,
         ))
         done += len(batch)
         if progress is not None:
             progress(done, len(classes))
-    cat = lambda name: torch.cat([p[name] for p in parts])  # noqa: E731
-    diagnostics = {n: torch.cat([p["diagnostics"][n] for p in parts]) for n in parts[0]["diagnostics"]}
+    # back to class order (batches are grouped by discovery method)
+    order = torch.tensor([c for _, batch in batches for c in batch]).argsort()
+    cat = lambda name: torch.cat([p[name] for p in parts])[order.to(parts[0][name].device)]  # noqa: E731
+    diagnostics = {n: torch.cat([p["diagnostics"][n] for p in parts])[order] for n in parts[0]["diagnostics"]}
     return HeadDecomposition(
         prototypes=cat("prototypes"), initial=cat("initial"), alpha=cat("alpha"), residual=cat("residual"),
         rel_error=cat("rel_error"), head_error=cat("head_error"), classes=classes, diagnostics=diagnostics,
@@ -411,19 +458,21 @@ def decompose_class(
     target: str = "residual",
     refine_ridge: float = 1e-3,
     refine_iter: int = 100,
+    discovery: str = "auto",
     nmf_options: dict | None = None,
     device: str | torch.device | None = None,
 ) -> ClassDecomposition:
     """Decompose one class's head row.
 
     Args:
-        F: ``[n, H, W, D]`` the class's feature maps, float, >= 0. Not modified.
+        F: ``[n, H, W, D]`` the class's feature maps, float (signed allowed unless ``discovery="nmf"``; see
+            :func:`decompose_head`). Not modified.
         v: ``[D]`` the class's head row. Not modified.
         k: number of prototypes.
 
     Returns:
         :class:`ClassDecomposition`: prototypes ``[k, D]`` (refined; ``prototypes.sum(0) == v``), initial
-        ``[k, D]`` (NMF, >= 0), alpha ``[k]``, residual ``[k, D]`` (``sum(0) == v - alpha @ initial``).
+        ``[k, D]`` (NMF: >= 0; semi-NMF: signed), alpha ``[k]``, residual ``[k, D]`` (``sum(0) == v - alpha @ initial``).
     """
     _check_k(k)
     if not isinstance(v, torch.Tensor) or v.ndim != 1:
@@ -431,12 +480,14 @@ def decompose_class(
             f"decompose_class: v must be a tensor of shape [D]; got "
             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}."
         )
-    _check_features(F, "decompose_class: F", v.shape[0], k)
+    _check_options("l2", "residual", discovery)
+    _check_features(F, "decompose_class: F", v.shape[0], k, discovery)
     if v.dtype != F.dtype or v.device != F.device:
         raise TypeError(
             f"decompose_class: F and v must share dtype and device; got F {F.dtype} on {F.device}, "
             f"v {v.dtype} on {v.device}."
         )
     hd = decompose_head({0: F}, v.unsqueeze(0), k, seed=seed, normalization=normalization, target=target,
-                        refine_ridge=refine_ridge, refine_iter=refine_iter, nmf_options=nmf_options, device=device)
+                        refine_ridge=refine_ridge, refine_iter=refine_iter, discovery=discovery,
+                        nmf_options=nmf_options, device=device)
     return hd.class_result(0)
