@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.phpn-installed
 OUT     ?= runs/demo
 
-.PHONY: venv test test-cluster demo bench browser ui cluster-down clean
+.PHONY: venv test test-cluster demo bench browser fashion-mnist ui cluster-down clean
 
 venv: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -c "import torch, torchvision, prefect, ray, zarr" 
 	@touch $(STAMP)
 
-test: $(STAMP) browser
+test: $(STAMP) browser fashion-mnist
 	$(BIN)/python -m pytest -q
 
 # The report test opens report.html in real headless Chromium (Debian's package); install it when missing.
@@ -24,6 +24,10 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
 	  || echo "chromium not installed: the browser test will be skipped"; }
+
+# The Fashion-MNIST tests read Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist); install it when missing.
+fashion-mnist:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || { [ "$$(id -u)" = 0 ] && 	  command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive 	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1) 	  || echo "dataset-fashion-mnist not installed: the Fashion-MNIST tests will be skipped"; }
 
 demo: $(STAMP)
 	$(BIN)/phpn demo --out $(OUT)

@@ -51,6 +51,10 @@ def _summary(metrics: dict, out: Path, t0: float) -> None:
               "consistency", "stability", "n_classes", "k", "classes_computed", "classes_reused", "seconds"):
         v = metrics.get(k)
         table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    rows, names = metrics.get("decomposed_classes"), metrics.get("decomposed_class_names")
+    if isinstance(rows, list) and isinstance(names, list) and len(rows) == len(names):
+        shown = ", ".join(f"{r} {n}" for r, n in zip(rows[:8], names[:8])) + (" ..." if len(rows) > 8 else "")
+        table.add_row("decomposed_classes", f"{len(rows)}: {shown}")
     Console().print(table)
     console.print(f"metrics: {out / 'metrics.json'}")
     if metrics.get("report"):
@@ -153,6 +157,67 @@ def registry_show(uri: str = typer.Argument(...), entry: str = typer.Argument(..
     print(json.dumps(info.model_dump(mode="json"), indent=2))
 
 
+def _parse_classes(values: list[str] | None, class_names: list[str]) -> list[int] | None:
+    """``--classes``: head rows or class names (repeatable, or comma-separated); None when not given."""
+    if not values:
+        return None
+    index = {n: i for i, n in enumerate(class_names)}
+    rows = []
+    for item in (p.strip() for v in values for p in v.split(",")):
+        if not item:
+            continue
+        if item.lstrip("-").isdigit():
+            rows.append(int(item))
+        elif item in index:
+            rows.append(index[item])
+        else:
+            near = [n for n in class_names if item.lower() in n.lower()][:5]
+            _fail(f"--classes: {item!r} is neither a head row nor a class name of the store; expected an integer "
+                  f"in [0, {len(class_names)}) or one of its class names{f' (did you mean {near}?)' if near else ''}.")
+    return sorted(set(rows)) or None
+
+
+@app.command("decompose")
+def decompose_store(
+    features: str = typer.Argument(..., help="feature store URI (path or s3://bucket/prefix) of the training split"),
+    head: str = typer.Option(..., "--head", help="safetensors file (path or s3://) with weight [C, D] and bias [C]"),
+    k: int = typer.Option(..., "--k", min=1, help="prototypes per class"),
+    out: Path = typer.Option(..., "--out", help="run directory (registry/, metrics.json)"),
+    test: Optional[str] = typer.Option(None, "--test", help="test feature store URI: parity is checked on it"),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", help="head rows or class names to decompose "
+                                                "(repeat or comma-separate); default: every class with images"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML for the decompose/compute/storage sections"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster"),
+) -> None:
+    """Decompose the linear head HEAD over an existing feature store (no model, no images): the same Ray fan-out
+    and registry entry as `phpn run`. Writes OUT/registry/ and OUT/metrics.json."""
+    from phpn_core.config import load_config
+    from phpn_core.errors import PhpnError
+
+    t0 = time.perf_counter()
+    try:
+        from phpn_core.storage.feature_store import FeatureStore
+
+        names = FeatureStore.open(features).schema.class_names
+        rows = _parse_classes(classes, names)
+        cfg = load_config(config, **({} if config else {"name": "decompose"}),
+                          decompose={"k": k, **({"classes": rows} if rows else {})})
+        quiet_environment()
+        from flows.decompose import decompose_store_flow
+        from flows.preflight import check_store_reachable
+        from flows.runtime import runtime
+
+        check_store_reachable(str(out.resolve()))
+        if cfg.storage.registry_uri:
+            check_store_reachable(cfg.storage.registry_uri)
+        with runtime(ray_address=ray_address or cfg.compute.ray_address, num_cpus=cfg.compute.num_cpus) as rt:
+            console.print(f"Prefect API: {rt.api_url}; Ray: {rt.ray_address or 'local'}")
+            metrics = decompose_store_flow(cfg, features, head, str(out), test)
+    except PhpnError as e:
+        _fail(str(e))
+    _summary(metrics, out, t0)
+
+
 @app.command()
 def explain(
     image: Path = typer.Argument(..., help="an image file"),
@@ -174,6 +239,29 @@ def explain(
     except PhpnError as e:
         _fail(str(e))
     console.print(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    registry: str = typer.Option(..., "--registry", help="registry URI (path or s3://bucket/prefix)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="interface to bind (default: this machine only)"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port"),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001, help="cap on an uploaded image"),
+    max_megapixels: float = typer.Option(25.0, "--max-megapixels", min=0.001, help="cap on an uploaded image"),
+) -> None:
+    """The prototype explorer: browse, compare and query the registry's entries in a browser (read-only)."""
+    import uvicorn
+
+    from explorer.app import create_app  # lazily: the other commands never import the web stack
+    from phpn_core.errors import PhpnError
+
+    try:
+        web = create_app(registry, max_upload_bytes=int(max_upload_mb * 2**20),
+                         max_pixels=int(max_megapixels * 1e6))
+    except PhpnError as e:
+        _fail(str(e))
+    console.print(f"phpn explorer on http://{host}:{port}/ (API docs: /docs) over {web.state.data.registry.uri}")
+    uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
 _STATE_DIR_OPT = typer.Option(None, "--state-dir", envvar="PHPN_CLUSTER_DIR",

@@ -49,3 +49,20 @@ def sweep_config(config: str, out_dir: str, ray_address: str | None = None) -> l
     sweep = load_sweep(config)
     with runtime(ray_address=ray_address or sweep.base.compute.ray_address, num_cpus=sweep.base.compute.num_cpus):
         return sweep_flow(sweep, out_dir)
+
+
+@flow(name="phpn-decompose-store-run", flow_run_name="decompose-store-k{k}", log_prints=True)
+def decompose_store(features_uri: str, head: str, k: int, out_dir: str, test_features_uri: str | None = None,
+                    classes: list[int] | None = None, config: str | None = None,
+                    ray_address: str | None = None) -> dict:
+    """``phpn decompose`` as a deployment: decompose the linear head ``head`` (safetensors ``weight [C, D]``,
+    ``bias [C]``) over the feature store ``features_uri`` into ``out_dir`` (``config``: optional YAML for the
+    decompose/compute/storage sections; ``classes``: head rows). Returns the metrics."""
+    from flows.decompose import decompose_store_flow
+    from flows.preflight import check_store_reachable
+    from flows.runtime import runtime
+
+    cfg = load_config(config, decompose={"k": k, **({"classes": classes} if classes else {})})
+    check_store_reachable(str(Path(out_dir).resolve()))
+    with runtime(ray_address=ray_address or cfg.compute.ray_address, num_cpus=cfg.compute.num_cpus):
+        return decompose_store_flow(cfg, features_uri, head, out_dir, test_features_uri)

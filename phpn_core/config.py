@@ -29,11 +29,15 @@ class _Frozen(BaseModel):
 
 
 class ModelConfig(_Frozen):
-    """The classifier: a torchvision/phpn architecture and a user checkpoint (state dict), or the synthparts CNN
-    (trained by the run when ``checkpoint`` is None)."""
+    """The classifier: a torchvision/phpn architecture or ``timm:<name>`` with a user checkpoint (state dict), a
+    torchvision architecture with ``weights`` by name (e.g. ``IMAGENET1K_V1``, read from ``$TORCH_HOME``), or the
+    synthparts CNN (trained by the run when ``checkpoint`` is None)."""
 
     arch: str = "synthparts_cnn"
     checkpoint: str | None = None
+    weights: str | None = Field(
+        default=None, description="torchvision weights enum member name (e.g. IMAGENET1K_V1), loaded from "
+                                  "$TORCH_HOME/hub/checkpoints; exclusive with checkpoint; torchvision archs only")
     num_classes: int | None = Field(default=None, ge=1)
     train_epochs: int = Field(default=8, ge=1, description="synthparts_cnn only: epochs when training it")
     feature_stride: Literal[8, 16] = Field(
@@ -42,10 +46,23 @@ class ModelConfig(_Frozen):
 
     @model_validator(mode="after")
     def _needs_checkpoint(self):
-        if self.arch != "synthparts_cnn" and self.checkpoint is None:
+        if self.weights is not None and self.checkpoint is not None:
             raise ValueError(
-                f"model.checkpoint is required for arch={self.arch!r} (a state dict saved with "
-                "torch.save(model.state_dict(), path) or safetensors); only synthparts_cnn is trained by phpn."
+                f"model.checkpoint={self.checkpoint!r} and model.weights={self.weights!r} are both set: expected one "
+                "source of weights. Fix: keep only one."
+            )
+        if self.weights is not None and (self.arch == "synthparts_cnn" or self.arch.startswith("timm:")):
+            raise ValueError(
+                f"model.weights={self.weights!r} is for torchvision architectures only, got arch={self.arch!r}. Fix: "
+                "use model.checkpoint (for timm: the model.safetensors / pytorch_model.bin downloaded from its hub "
+                "page, or your own state dict)."
+            )
+        if self.arch != "synthparts_cnn" and self.checkpoint is None and self.weights is None:
+            raise ValueError(
+                f"model.checkpoint or model.weights is required for arch={self.arch!r}: a state dict saved with "
+                "torch.save(model.state_dict(), path) or safetensors (timm:<name> too), or for a torchvision "
+                "architecture weights by name (e.g. weights: IMAGENET1K_V1, read from $TORCH_HOME/hub/checkpoints); "
+                "only synthparts_cnn is trained by phpn."
             )
         if self.checkpoint is not None and not Path(self.checkpoint).expanduser().is_file():
             raise ValueError(f"model.checkpoint: no file at {self.checkpoint!r}; give the path of an existing state dict.")
@@ -62,6 +79,12 @@ class DatasetConfig(_Frozen):
     crop_to_bbox: bool = Field(default=True, description="cub200 only: crop test images to the bird, as ProtoEval")
     on_error: Literal["raise", "skip"] = "raise"
     seed: int = 0
+    class_map: str | None = Field(
+        default=None, description="imagefolder only: JSON file {folder name: head row} (e.g. ImageNet indices of "
+                                  "your folders); None: folders in name order are rows 0, 1, ...")
+    max_per_class: int | None = Field(
+        default=None, ge=1, description="a seeded (dataset.seed) per-class sample of at most this many training "
+                                        "images; None: all of them")
 
     @model_validator(mode="after")
     def _root(self):
@@ -69,14 +92,37 @@ class DatasetConfig(_Frozen):
             raise ValueError(f"dataset.root is required for kind={self.kind!r}: the dataset's directory.")
         if self.root and self.kind != "synthparts" and not Path(self.root).expanduser().is_dir():
             raise ValueError(f"dataset.root: no directory at {self.root!r}.")
+        if self.class_map is not None:
+            if self.kind != "imagefolder":
+                raise ValueError(f"dataset.class_map applies to kind 'imagefolder' only, got kind={self.kind!r}; "
+                                 "remove class_map or set kind: imagefolder.")
+            if not Path(self.class_map).expanduser().is_file():
+                raise ValueError(f"dataset.class_map: no file at {self.class_map!r}; give the path of a JSON file "
+                                 '{"folder name": head row, ...}.')
         return self
 
 
 class DecomposeConfig(_Frozen):
     k: int = Field(default=5, ge=1, description="prototypes per class")
+    classes: list[int] | None = Field(
+        default=None, description="head rows to decompose (None: every row with training images); the other rows "
+                                  "keep their linear row, so the logits of all C classes are unchanged")
+
+    @field_validator("classes")
+    @classmethod
+    def _rows(cls, v):
+        if v is not None:
+            if not v or any(c < 0 for c in v) or len(set(v)) != len(v):
+                raise ValueError(f"decompose.classes must be a non-empty list of distinct head rows >= 0, got {v}; "
+                                 "list each row once, or leave the key out to decompose every row with images.")
+            v = sorted(v)
+        return v
     seed: int = 0
     normalization: Literal["l2", "none"] = "l2"
     target: Literal["residual", "prototype"] = "residual"
+    discovery: Literal["auto", "nmf", "semi_nmf", "shift_nmf"] = Field(
+        default="auto", description="initial prototypes: NMF for non-negative features, semi-NMF for signed ones "
+                                    "(auto); or one method for every class (see phpn_core.method.decompose)")
     refine_ridge: float = Field(default=1e-3, ge=0)
     refine_iter: int = Field(default=100, ge=0)
     nmf_max_iter: int = Field(default=500, ge=1)
@@ -94,6 +140,10 @@ class ComputeConfig(_Frozen):
     gpus_per_task: float = Field(default=0.0, ge=0, description="requested only when the cluster has GPUs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=64, ge=1)
+    extract_tasks: int | None = Field(
+        default=None, ge=1, description="feature extraction as this many Ray tasks over disjoint chunk ranges of "
+                                        "one store (num_gpus each where the cluster has GPUs; resumable); None: one "
+                                        "extraction in the driver")
     feature_dtype: Literal["float16", "float32"] = "float32"
     feature_compression: Literal["zstd", "lz4", "none"] = Field(
         default="zstd", description="feature-chunk compression (zstd level 1; lz4; none: fastest writes)")
@@ -146,6 +196,8 @@ class RunConfig(_Frozen):
                  "decompose": self.decompose.model_dump()}
         if self.model.checkpoint:
             ident["checkpoint_sha256"] = _file_sha256(self.model.checkpoint)
+        if self.dataset.class_map:
+            ident["class_map_sha256"] = _file_sha256(self.dataset.class_map)
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -26,11 +26,15 @@ def _test_features(store):
 
 
 @task(cache_policy=NO_CACHE, name="evaluate-parity", task_run_name="evaluate-parity-{entry_id}")
-def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: str, entry_id: str) -> dict:
+def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: str, entry_id: str,
+                    classes: list[int] | None = None) -> dict:
     """Accuracy of the original and the decomposed head on the stored test features, max logit difference,
-    max head-reconstruction error."""
+    max head-reconstruction error. ``classes``: the decomposed head rows; accuracy is over the test images of those
+    classes (argmax over all C logits), the logit difference over every test image and all C logits."""
     from phpn_core.evaluation.parity import head_reconstruction_error
     from phpn_core.storage.registry import PrototypeRegistry
+    import torch
+
     from phpn_core.storage.feature_store import FeatureStore
     from phpn_core.storage.tensorio import read_tensors
 
@@ -41,12 +45,14 @@ def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: st
     fmap = F.permute(0, 3, 1, 2)  # [n, D, H, W]
     orig = F.mean((1, 2)) @ W.T + b
     dec = head(fmap)
+    sel = torch.isin(y, torch.tensor(classes, dtype=y.dtype)) if classes is not None else torch.ones_like(y, dtype=torch.bool)
+    n_sel = int(sel.sum())
     return {
-        "accuracy_original": float((orig.argmax(1) == y).float().mean()),
-        "accuracy_decomposed": float((dec.argmax(1) == y).float().mean()),
+        "accuracy_original": float((orig.argmax(1) == y)[sel].float().mean()) if n_sel else None,
+        "accuracy_decomposed": float((dec.argmax(1) == y)[sel].float().mean()) if n_sel else None,
         "max_abs_logit_diff": float((orig - dec).abs().max()),
         "max_head_reconstruction_error": head_reconstruction_error(head, W),
-        "n_test_images": int(y.numel()),
+        "n_test_images": n_sel,
     }
 
 
@@ -90,9 +96,16 @@ def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, ent
     t = time.perf_counter()
     head, info = PrototypeRegistry(registry_uri).load(entry_id)
     _, features, _, _ = load_classifier(model_rec)
+    test = build_dataset(cfg.dataset, "test")
+    # The decomposed rows that have test images (a 1000-class head explained on 5 classes shows those 5), by name.
+    rows = info.metadata.get("decomposed_classes") or list(range(info.n_classes))
+    present = {int(v) for v in test.labels}
+    shown = [c for c in rows if c in present][:10] or None
+    names = info.metadata.get("class_names")
     path = build_report(
-        out_dir=out_dir, head=head, features=features, test_dataset=build_dataset(cfg.dataset, "test"),
+        out_dir=out_dir, head=head, features=features, test_dataset=test,
         train_dataset=build_dataset(cfg.dataset, "train"), train_store=FeatureStore.open(train_features_uri),
-        metrics=metrics, title=f"phpn: {cfg.name}", device=pick_device(cfg.compute.device),
+        metrics=metrics, title=f"phpn: {cfg.name}", device=pick_device(cfg.compute.device), classes=shown,
+        class_names=names if isinstance(names, list) and len(names) == info.n_classes else None,
     )
     return {"report": str(path), "seconds": round(time.perf_counter() - t, 3)}

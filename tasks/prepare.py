@@ -41,6 +41,14 @@ def prepare_model(cfg: RunConfig, out_dir: str) -> dict:
             sidecar.write_text(json.dumps(recipe, indent=1))
             trained = True
         ckpt = str(path)
+    weights = getattr(cfg.model, "weights", None)
+    if weights:  # torchvision weights by name: C from their categories, the digest of the cached file
+        from phpn_core.models.spec import ModelSpec, spec_digest
+
+        spec = ModelSpec(arch=cfg.model.arch, weights=weights, num_classes=n_classes,
+                         input_size=cfg.dataset.image_size)
+        return {"arch": cfg.model.arch, "checkpoint": None, "weights": weights, "num_classes": spec.num_classes,
+                "input_size": cfg.dataset.image_size, "digest": spec_digest(spec), "trained": False}
     if n_classes is None:
         n_classes = len(build_dataset(cfg.dataset, "test").classes)
     return {"arch": cfg.model.arch, "checkpoint": ckpt, "num_classes": n_classes,
@@ -51,7 +59,7 @@ def load_classifier(model_rec: dict):
     from phpn_core.models.split import split_classifier
     from phpn_core.models.spec import ModelSpec, build_model
 
-    spec = ModelSpec(arch=model_rec["arch"], checkpoint=model_rec["checkpoint"],
+    spec = ModelSpec(arch=model_rec["arch"], checkpoint=model_rec["checkpoint"], weights=model_rec.get("weights"),
                      num_classes=model_rec["num_classes"], input_size=model_rec["input_size"])
     model = build_model(spec).eval()
     return model, *split_classifier(model)
@@ -64,14 +72,23 @@ def extract_split(cfg: RunConfig, model_rec: dict, split: str, uri: str) -> dict
     from phpn_core.data.factory import build_dataset
     from phpn_core.extract import extract_features
 
+    from phpn_core.data.images import ImageLoadError
+
     _, features, _, _ = load_classifier(model_rec)
     ds = build_dataset(cfg.dataset, split)
-    res = extract_features(
-        features, ds, uri, model=model_rec["arch"], checkpoint_digest=model_rec["digest"], split=split,
-        input_size=cfg.dataset.image_size, dataset_name=cfg.dataset.kind, dtype=cfg.compute.feature_dtype,
-        batch_size=cfg.compute.batch_size, device=pick_device(cfg.compute.device), progress=True,
-        compression=cfg.compute.feature_compression,
-    )
+    try:
+        res = extract_features(
+            features, ds, uri, model=model_rec["arch"], checkpoint_digest=model_rec["digest"], split=split,
+            input_size=cfg.dataset.image_size, dataset_name=cfg.dataset.kind, dtype=cfg.compute.feature_dtype,
+            batch_size=cfg.compute.batch_size, device=pick_device(cfg.compute.device), progress=True,
+            compression=cfg.compute.feature_compression,
+        )
+    except ImageLoadError as e:  # beyond the pre-flight's sample: name every unreadable image of the split
+        from phpn_core.storage.feature_store import FeatureStore
+
+        from .extract import _all_unreadable
+
+        raise _all_unreadable(cfg, split, uri, list(range(FeatureStore.open(uri).n_chunks)), e) from None
     return res.record()
 
 
@@ -109,9 +126,12 @@ def check_inputs(cfg: RunConfig, out_dir: str | None = None) -> dict:
     if paths is not None and cfg.dataset.on_error == "raise":
         test = build_dataset(cfg.dataset, "test")
         test_paths = _image_paths(test) or []
-        bad = find_unreadable([*paths, *test_paths])
+        # Up to PREFLIGHT_FULL images: all probed here. Beyond: an evenly spaced sample here (a bad batch of files
+        # fails in seconds), the rest where extraction reads them anyway (an unreadable image fails its extraction
+        # task, which names every unreadable image of its chunks; its features are never written).
+        all_paths = preflight_sample([*paths, *test_paths])
+        bad = find_unreadable(all_paths)
         if bad:
-            all_paths = [*paths, *test_paths]
             shown = "; ".join(bad[i] for i in sorted(bad)[:5])
             raise ImageLoadError(
                 f"{len(bad)} of {len(all_paths)} images under dataset.root={cfg.dataset.root!r} cannot be used: "
@@ -120,9 +140,10 @@ def check_inputs(cfg: RunConfig, out_dir: str | None = None) -> dict:
                 path=all_paths[min(bad)],
             )
     labels = [int(x) for x in (train.labels.tolist() if hasattr(train.labels, "tolist") else train.labels)]
-    C = cfg.model.num_classes or len(train.classes)
-    spec = ModelSpec(arch=cfg.model.arch, checkpoint=cfg.model.checkpoint, num_classes=C,
-                     input_size=cfg.dataset.image_size)
+    weight_names = model_class_names(cfg, {"arch": cfg.model.arch})  # weights by name: C is their category count
+    C = cfg.model.num_classes or (len(weight_names) if weight_names else len(train.classes))
+    spec = ModelSpec(arch=cfg.model.arch, checkpoint=cfg.model.checkpoint, weights=getattr(cfg.model, "weights", None),
+                     num_classes=C, input_size=cfg.dataset.image_size)
     model = build_model(spec)  # CheckpointError for another architecture, a pickle, a truncated file
     bad_tensors = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad_tensors:
@@ -136,28 +157,108 @@ def check_inputs(cfg: RunConfig, out_dir: str | None = None) -> dict:
     with torch.inference_mode():
         fmap = features(torch.zeros(1, 3, S, S))
     _, D, H, W = fmap.shape
+    too_high = sorted({c for c in labels if c >= C})
+    if too_high:
+        raise InputValueError(
+            f"the training images are labelled with head rows up to {too_high[-1]}, but the model's head has C={C} "
+            f"rows (0..{C - 1}): rows {too_high[:5]}{' ...' if len(too_high) > 5 else ''} do not exist. Fix: set "
+            "model.num_classes to the number of rows of the checkpoint's head, or correct dataset.class_map.")
     counts = [labels.count(c) for c in range(C)]
+    rows = decomposed_rows(cfg.decompose.classes, counts)
     k = cfg.decompose.k
     if k > D:
         raise InputValueError(
             f"decompose.k={k} is larger than the model's {D} feature channels ({cfg.model.arch}): expected "
             f"k <= {D}. Fix: set decompose.k to at most {D}."
         )
-    short = [(c, n) for c, n in enumerate(counts) if n * H * W < k]
+    short = [(c, counts[c]) for c in rows if counts[c] * H * W < k]
     if short:
         names = list(getattr(train, "classes", range(C)))
         shown = ", ".join(f"class {c} ({names[c] if c < len(names) else c!r}): {n} images" for c, n in short[:5])
+        # rows holds only classes with images (decomposed_rows refuses empty ones), so this bound is >= 1.
         raise InputValueError(
             f"{len(short)} classes have too few training images for decompose.k={k}: each image gives {H}x{W} = "
             f"{H * W} feature rows and k prototypes need at least k rows, so a class needs at least "
             f"{-(-k // (H * W))} images; got {shown}{' ...' if len(short) > 5 else ''}. Fix: add images to those "
             f"classes, or lower decompose.k to at most {min(n for _, n in short) * H * W}."
         )
-    return {"n_classes": C, "feature_shape": [int(H), int(W), int(D)], "min_class_images": min(counts)}
+    return {"n_classes": C, "feature_shape": [int(H), int(W), int(D)],
+            "min_class_images": min(counts[c] for c in rows), "decomposed_classes": rows}
+
+
+def decomposed_rows(classes: list[int] | None, counts: list[int]) -> list[int]:
+    """The head rows to decompose: ``classes`` (``decompose.classes``), checked against the per-row training
+    image ``counts [C]``, or every row with at least one image (None). Ascending; raises InputValueError naming the
+    rows that are outside the head or have no training image."""
+    from phpn_core.errors import InputValueError
+
+    C = len(counts)
+    with_images = [c for c in range(C) if counts[c] > 0]
+    if classes is None:
+        if not with_images:
+            raise InputValueError("the training split has no image: expected images for at least one head row. "
+                                  "Fix: check dataset.root (and dataset.class_map).")
+        return with_images
+    outside = [c for c in classes if c >= C]
+    if outside:
+        raise InputValueError(
+            f"decompose.classes lists rows {outside[:10]} outside the head's C={C} rows (0..{C - 1}). Fix: remove "
+            "them, or set model.num_classes to the head's real size.")
+    empty = [c for c in classes if counts[c] == 0]
+    if empty:
+        raise InputValueError(
+            f"decompose.classes lists rows {empty[:10]}{' ...' if len(empty) > 10 else ''} that have no training "
+            f"image (rows with images: {with_images[:10]}{' ...' if len(with_images) > 10 else ''}). Fix: remove "
+            "them from decompose.classes (or leave it out to decompose every row with images), or add images for "
+            "them (dataset.class_map maps folders to rows).")
+    return sorted(classes)
+
+
+def model_class_names(cfg: RunConfig, model_rec: dict) -> list[str] | None:
+    """The model's own category names (``[C]``) when it comes by torchvision weights name (``model.weights``:
+    ``weights.meta["categories"]``); None otherwise, or when this phpn cannot build models by weights name."""
+    weights = getattr(cfg.model, "weights", None)
+    if not weights:
+        return None
+    try:
+        from phpn_core.models.spec import ModelSpec, class_names_for
+    except ImportError:
+        return None
+    try:
+        spec = ModelSpec(arch=model_rec["arch"], weights=weights)  # the names need only the weights' metadata
+    except ValueError:  # pydantic's ValidationError: weights this arch does not have (build_model says why)
+        return None
+    names = class_names_for(spec)
+    return None if names is None else [str(n) for n in names]
+
+
+def run_class_names(cfg: RunConfig, model_rec: dict) -> list[str]:
+    """The names of the run's C head rows: the model's categories (weights by name), else the dataset's
+    (ImageFolder folders through the class map, CUB, synthparts, Fashion-MNIST), ``"class <row>"`` for the rest."""
+    from phpn_core.data.factory import build_dataset, class_names_for_run
+
+    return class_names_for_run(build_dataset(cfg.dataset, "train"), model_rec["num_classes"],
+                               model_class_names(cfg, model_rec))
+
+
+PREFLIGHT_FULL = 4096  # images probed one by one before any compute; beyond, a sample of this many
+
+
+def preflight_sample(paths: list, limit: int = PREFLIGHT_FULL) -> list:
+    """``paths`` when at most ``limit``, else ``limit`` of them evenly spaced (first and last included): the
+    pre-flight's probe stays O(limit) whatever the dataset size (0.35 ms per small JPEG here: ~1.4 s)."""
+    n = len(paths)
+    if n <= limit:
+        return list(paths)
+    return [paths[(i * (n - 1)) // (limit - 1)] for i in range(limit)]
 
 
 def _image_paths(ds) -> list[Path] | None:
     """The image files of a file-backed dataset (CUB, ImageFolder), None for generated/array datasets."""
+    base = getattr(ds, "base", None)
+    if base is not None and hasattr(ds, "indices"):  # a per-class sample (dataset.max_per_class): its files only
+        paths = _image_paths(base)
+        return None if paths is None else [paths[i] for i in ds.indices]
     if hasattr(ds, "_path") and hasattr(ds, "cub_ids"):
         return [Path(ds._path(i)) for i in range(len(ds))]
     if hasattr(ds, "image_ids") and isinstance(getattr(ds, "root", None), Path) and hasattr(ds, "extensions"):

@@ -4,7 +4,7 @@
 - phpn_core.method imports only torch, numpy, safetensors, the standard library and itself;
 - storage, models and data import neither evaluation nor report; evaluation never imports report or storage;
 - storage never imports models or data;
-- tasks never import flows.
+- tasks never import flows; the explorer imports neither flows nor Prefect nor Ray.
 """
 
 import ast
@@ -85,6 +85,12 @@ def test_layers_do_not_import_upwards(package):
         if any(_within(m, f) for f in FORBIDDEN[package])
     ]
     assert not bad, f"{package} must not import {sorted(FORBIDDEN[package])}: {bad}"
+
+
+@pytest.mark.parametrize("path", _files(ROOT / "explorer"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_explorer_does_not_import_orchestration(path):
+    bad = [(m, ln) for m, ln in imports(path) if m.split(".")[0] in ORCHESTRATION or _within(m, "flows")]
+    assert not bad, f"{path}: the explorer is a Prefect-free, read-only process: {bad}"
 
 
 def test_tasks_do_not_import_flows():

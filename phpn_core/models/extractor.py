@@ -107,11 +107,19 @@ class _LayerNormedExtractor(FeatureExtractor):
         self.eps = float(eps)
 
     def _map(self, x: torch.Tensor) -> torch.Tensor:
-        fmap = self.body(x)
-        pooled = fmap.mean((2, 3), keepdim=True)  # [B, D, 1, 1]
-        mu = pooled.mean(1, keepdim=True)
-        var = pooled.var(1, unbiased=False, keepdim=True)  # LayerNorm uses the biased variance
-        return (fmap - mu) * torch.rsqrt(var + self.eps)
+        return _layernorm_map(self.body(x), self.eps)
+
+
+def _layernorm_map(fmap: torch.Tensor, eps: float) -> torch.Tensor:
+    """[B, D, h, w] -> (F_hw - mu(g)) / sqrt(var(g) + eps), g = mean_hw F [B, D]; statistics over channels.
+
+    So mean_hw(result) = LayerNorm(g) without its affine part: a LayerNorm of the pooled vector (ConvNeXt's
+    LayerNorm2d after pooling, a ViT's ``fc_norm``) is a per-image affine map of F, folded into weight/bias.
+    """
+    pooled = fmap.mean((2, 3), keepdim=True)  # [B, D, 1, 1]
+    mu = pooled.mean(1, keepdim=True)
+    var = pooled.var(1, unbiased=False, keepdim=True)  # LayerNorm uses the biased variance
+    return (fmap - mu) * torch.rsqrt(var + eps)
 
 
 

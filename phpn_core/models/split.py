@@ -24,6 +24,8 @@ mobilenet_v2                                      ``features`` (post-ReLU6)     
 efficientnet_b0..b7, efficientnet_v2_s/m/l        ``features`` (post-SiLU) + s      0.2785  yes
 mobilenet_v3_small/large                          penultimate vector, 1x1 map + s   0.375   yes
 convnext_tiny/small/base/large                    per-image LayerNormed map         0       **no**
+swin_t/s/b, swin_v2_t/s/b                         per-token LayerNormed token grid  0       **no**
+timm:<name> (:mod:`.timm_adapter`)                ``forward_features`` as a map     read    read off
 vgg11/13/16/19[_bn]_gap (:func:`vgg_gap`)         conv trunk without its last pool  0       yes
 <class name>: ``.features`` + Linear             ``features(x)``                   0       inferred
 ``.classifier``/``.fc`` (generic)
@@ -62,8 +64,17 @@ recursively) ends with ReLU/ReLU6/Sigmoid/Hardsigmoid/Softplus.
 Mode and parameters. The caller puts the model in eval mode (BatchNorm statistics, Dropout); the identity holds in
 eval mode. ``split_classifier`` never changes the model's mode or parameters.
 
+Swin (torchvision, :mod:`.torchvision_transformers`): ``features -> norm -> permute -> avgpool -> head``; the
+LayerNorm is per token, so F(x) is the normed token grid [B, D, h, w] and the Linear is used as is. Signed.
+
+timm models (any class defined in timm) go to :func:`phpn_core.models.timm_adapter.split_timm`, which uses timm's
+API (``forward_features``, ``forward_head``, ``get_classifier``), folds a LayerNorm of the pooled vector (ConvNeXt's
+head norm, a ViT's ``fc_norm``) as for ConvNeXt above, reads the sign handling off the module that produced the
+features, and checks the split on a probe batch. timm is imported only then.
+
 Unsupported (raise :class:`~phpn_core.errors.UnsupportedModelError`): heads that are not GAP + linear, e.g. torchvision
-VGG/AlexNet (MLP classifiers; use :func:`vgg_gap`), Inception/GoogLeNet, ViT/Swin, SqueezeNet, or a model whose
+VGG/AlexNet (MLP classifiers; use :func:`vgg_gap`), Inception/GoogLeNet, CLS-token ViTs (torchvision ``vit_*``, timm
+``global_pool='token'``: use an average-pool head, timm ``global_pool='avg'``), SqueezeNet, or a model whose
 ``classifier`` is an MLP. Pass ``features=`` and ``head=`` explicitly for anything else that is GAP + linear.
 """
 
@@ -73,7 +84,7 @@ import torch
 from torch import nn
 
 from phpn_core.errors import UnsupportedModelError
-from phpn_core.models import torchvision_cnn
+from phpn_core.models import torchvision_cnn, torchvision_transformers
 from phpn_core.models.extractor import FeatureExtractor, Split, _unsupported
 from phpn_core.models.generic import split_explicit, split_generic
 from phpn_core.models.torchvision_cnn import (
@@ -90,6 +101,7 @@ __all__ = [
     "VGGGAP",
     "split_classifier",
     "supported_architectures",
+    "supported_timm_families",
     "verify_split",
     "vgg_gap",
 ]
@@ -101,7 +113,17 @@ def supported_architectures() -> list[str]:
     Besides these, generic modules with ``.features`` + a Linear ``.classifier``/``.fc``, ``nn.Sequential`` models
     ending in GAP + Flatten + Linear, and explicit ``features=``/``head=`` are accepted (see the module docstring).
     """
-    return torchvision_cnn.architectures()
+    return torchvision_cnn.architectures() + torchvision_transformers.architectures()
+
+
+def supported_timm_families() -> list[str]:
+    """The timm model families whose split is checked (tests/models/test_zoo.py); see
+    :mod:`phpn_core.models.timm_adapter` (its ``TIMM_CHECKED`` names the models). Other timm models with an
+    average-pool (+ LayerNorm) + Linear head are accepted too: every timm split is checked on a probe batch.
+    Does not import timm."""
+    from phpn_core.models.timm_adapter import timm_families
+
+    return timm_families()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,12 +174,18 @@ def split_classifier(
 
 
 def _dispatch(model: nn.Module) -> Split:
-    for cls, reason in torchvision_cnn.KNOWN_UNSUPPORTED.items():
-        if isinstance(model, cls):
-            raise _unsupported(model, reason)
-    for cls, splitter in torchvision_cnn.SPLITTERS:
-        if isinstance(model, cls):
-            return splitter(model)
+    from phpn_core.models import timm_adapter  # does not import timm by itself
+
+    if timm_adapter.is_timm_model(model):
+        return timm_adapter.split_timm(model)
+    for module in (torchvision_cnn, torchvision_transformers):
+        for cls, reason in module.KNOWN_UNSUPPORTED.items():
+            if isinstance(model, cls):
+                raise _unsupported(model, reason)
+    for module in (torchvision_cnn, torchvision_transformers):
+        for cls, splitter in module.SPLITTERS:
+            if isinstance(model, cls):
+                return splitter(model)  # type: ignore[operator]
     result = split_generic(model)
     if result is None:
         raise _unsupported(

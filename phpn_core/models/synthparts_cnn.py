@@ -151,26 +151,55 @@ def train_synthparts_cnn(
                 f"train_ds has no attribute {attr!r}; expected a dataset following phpn_core.data.base's contract "
                 f"(classes, mean, std, items with image/label)"
             )
+    with torch.random.fork_rng(devices=[]):  # weight init from `seed` without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = SynthPartsCNN(len(train_ds.classes), width=width, in_channels=train_ds[0]["image"].shape[0],
+                              stride=stride)
+    return train_classifier(model, train_ds, epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed,
+                            device=device, progress=progress, description="train SynthPartsCNN")
+
+
+def train_classifier(
+    model: nn.Module,
+    train_ds: Dataset,
+    *,
+    epochs: int = 12,
+    batch_size: int = 32,
+    lr: float = 4e-3,
+    weight_decay: float = 1e-4,
+    augment: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    description: str = "train",
+) -> nn.Module:
+    """Train any classifier ``model`` (x ``[B, 3, S, S]`` normalised -> logits ``[B, C]``) on ``train_ds`` in place,
+    with :func:`train_synthparts_cnn`'s recipe (AdamW, one-cycle, cross-entropy, flips and circular shifts).
+
+    Used for the synthparts CNN and for the small ConvNeXt/ViT-style models of ``bench/backbone_quality.py``.
+    Deterministic for a ``seed`` on the CPU; the caller initialises the weights. Returns ``model`` in eval mode on
+    ``device``.
+    """
+    _check_pos_int("epochs", epochs, "e.g. epochs=12")
+    _check_pos_int("batch_size", batch_size, "e.g. batch_size=32")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+        raise InputValueError(f"lr must be a positive float, got {lr!r}; e.g. lr=4e-3")
     device = torch.device(device)
     images, labels = _stack(train_ds)
     n = len(labels)
     x_all = normalize(images, train_ds.mean, train_ds.std).to(device)
     y_all = labels.to(device)
-
-    with torch.random.fork_rng(devices=[]):  # weight init from `seed` without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = SynthPartsCNN(len(train_ds.classes), width=width, in_channels=images.shape[1], stride=stride)
     model.to(device)
     gen = torch.Generator().manual_seed(seed)  # shuffling
     steps_per_epoch = (n + batch_size - 1) // batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     total_steps = epochs * steps_per_epoch
     # OneCycle needs a few steps to have a warm-up and a decay; tiny runs (tests) keep a constant rate.
     sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.25)
              if total_steps >= 8 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     loss_fn = nn.CrossEntropyLoss()
 
-    bar = _Progress(enabled=progress, total=epochs * steps_per_epoch, description="train SynthPartsCNN")
+    bar = _Progress(enabled=progress, total=epochs * steps_per_epoch, description=description)
     with bar:
         model.train()
         for epoch in range(epochs):

@@ -309,9 +309,7 @@ KNOWN_UNSUPPORTED: dict[type, str] = {
     tvm.SqueezeNet: "SqueezeNet's classifier is a conv followed by pooling, not a Linear",
     tvm.Inception3: "Inception v3 has auxiliary heads and input transforms in forward",
     tvm.GoogLeNet: "GoogLeNet has auxiliary heads and input transforms in forward",
-    tvm.VisionTransformer: "a ViT classifies the class token, it has no conv feature map",
-    tvm.SwinTransformer: "a Swin transformer has a channels-last trunk and a LayerNorm+permute head",
-}
+}  # ViT (refused) and Swin (split): see torchvision_transformers
 
 
 

@@ -116,8 +116,13 @@ def explain_image(
     class_names: Sequence[str] | None = None,
     normalization: str = "custom",
     device: str | torch.device = "cpu",
+    classes: Sequence[int] | None = None,
 ) -> ImageExplanation:
     """Explain ``image [3, S, S]`` (in [0, 1]) for its ``top`` classes.
+
+    ``classes``: the head rows that may be explained (an entry that decomposed only some rows: the others are the
+    model's linear rows, with nothing to show); the top classes are the highest logits among them, and the
+    probabilities stay the softmax over all C logits. None: every row.
 
     ``features`` (x ``[B, 3, S, S]`` normalised with ``mean``/``std`` -> ``[B, D, h, w]``, eval mode) and ``head``
     (prototypes ``[C, k, D]``) run on ``device`` (copies are made when they live elsewhere; nothing is modified).
@@ -146,8 +151,12 @@ def explain_image(
         x = normalize(image.detach().float()[None], mean, std).to(dev)
         fmap = feats(x).to(head_d.prototypes.dtype)
         logits = head_d(fmap)[0]
-        T = min(top, C)
-        top_classes = logits.topk(T).indices.tolist()
+        allowed = torch.arange(C, device=logits.device) if classes is None else torch.as_tensor(
+            sorted({int(c) for c in classes}), dtype=torch.long, device=logits.device)
+        if allowed.numel() == 0 or bool(((allowed < 0) | (allowed >= C)).any()):
+            raise InputValueError(f"classes must be head rows in [0, {C}); got {list(classes or [])[:10]}.")
+        T = min(top, allowed.numel())
+        top_classes = allowed[logits[allowed].topk(T).indices].tolist()
         ex = head_d.explain(fmap, classes=top_classes)
         probs = logits.float().softmax(0)[top_classes]
     return ImageExplanation(
@@ -401,8 +410,10 @@ def explain_image_file(
     entry = load_entry_model(registry_uri, entry_id, storage_options=storage_options, checkpoint=checkpoint,
                              image_size=image_size)
     image, (w0, h0) = load_image(image_path, image_size=entry.image_size)
+    decomposed = (entry.info.metadata or {}).get("decomposed_classes")  # None: every row was decomposed
     expl = explain_image(image, features=entry.features, head=entry.head, mean=entry.mean, std=entry.std, top=top,
-                         class_names=entry.class_names, normalization=entry.normalization, device=device)
+                         class_names=entry.class_names, normalization=entry.normalization, device=device,
+                         classes=decomposed)
     title = (f"{image_path.name} ({w0}x{h0} -> {entry.image_size}x{entry.image_size}), entry {entry_id}, "
              f"model {entry.info.model}")
     png = render_image_explanation(expl, title=title)

@@ -245,9 +245,18 @@ class PrototypeRegistry:
         model: str | None = None,
         dataset: str | None = None,
         config_digest: str | None = None,
+        decomposed: Sequence[int] | None = None,
+        weight: torch.Tensor | None = None,
     ) -> EntryInfo:
         """Gather the staged classes ``0..C-1`` of ``entry_id`` (C = ``n_classes``) into a new version and point
         the entry at it. Returns the new :class:`EntryInfo`.
+
+        Decomposing only some rows (a 1000-class ImageNet head explained on 5 classes): ``decomposed`` lists the
+        staged rows and ``weight [C, D]`` is the linear head. Every other row ``c`` keeps its linear row, stored
+        exactly as ``k`` equal prototypes ``weight[c] / k`` (``initial`` the same, ``alpha`` 1, ``residual``,
+        ``rel_error``, ``head_error`` and diagnostics 0), so the head still gives the original logits of all C
+        classes. ``metadata["decomposed_classes"]`` records ``decomposed``, and ``mean_rel_error`` is over those
+        rows only.
 
         ``bias [C]`` is the classifier's bias (None: zeros); it is cast to the prototypes' dtype. ``metadata`` is
         JSON (str keys; str, int, finite float, bool, None, lists, dicts), by convention
@@ -273,7 +282,21 @@ class PrototypeRegistry:
             )
 
         staged = self.staged_classes(entry_id)
-        missing = sorted(set(range(C)) - staged)
+        rows = list(range(C))
+        if decomposed is not None:
+            rows = sorted(_check_classes(decomposed, "decomposed"))
+            if rows[-1] >= C:
+                raise InputValueError(
+                    f"publish: decomposed lists rows {[c for c in rows if c >= C][:10]} outside 0..{C - 1} "
+                    f"(n_classes={C}). Fix: pass head rows of this head.")
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != C:
+                got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+                raise InputValueError(
+                    f"publish: decomposed= needs the linear head weight [C, D] with C={C} for the other rows, got "
+                    f"{got}. Fix: pass weight=the classifier's head weight.")
+            staged = staged & set(rows)
+            meta = {**meta, "decomposed_classes": rows}
+        missing = sorted(set(rows) - staged)
         extra = sorted(c for c in staged if c >= C)
         if missing:
             raise RegistryError(
@@ -287,7 +310,9 @@ class PrototypeRegistry:
                 f"(n_classes={C}), got staged classes beyond that: {_fmt_classes(extra)}. Fix: check n_classes, or "
                 "remove the stray classes with drop_staged / clear_staged."
             )
-        arrays = self.read_staged(entry_id, list(range(C)))
+        arrays = self.read_staged(entry_id, rows)
+        if decomposed is not None:
+            arrays = _with_linear_rows(arrays, rows, weight, entry_id, self.uri)
         prototypes, alpha = arrays["prototypes"], arrays["alpha"]
         _, k, D = prototypes.shape
 
@@ -346,7 +371,7 @@ class PrototypeRegistry:
             dtype=str(prototypes.dtype).removeprefix("torch."),
             diagnostics=diagnostics,
             max_head_error=float(head_err.max()),
-            mean_rel_error=float(rel_err.mean()),
+            mean_rel_error=float(rel_err[rows].mean()),
             phpn_version=_phpn_version(),
             metadata=meta,
             objects=objects,
@@ -689,6 +714,29 @@ class PrototypeRegistry:
                 return True
             except FileNotFoundError:
                 return False
+
+
+def _with_linear_rows(arrays: dict[str, torch.Tensor], rows: list[int], weight: torch.Tensor, entry_id: str,
+                      uri: str) -> dict[str, torch.Tensor]:
+    """The staged arrays of ``rows`` (``[n, ...]``) spread to all ``C = weight.shape[0]`` rows (``[C, ...]``); the
+    other rows hold their linear row as ``k`` prototypes ``weight[c] / k`` (see :meth:`PrototypeRegistry.publish`)."""
+    C = weight.shape[0]
+    k, D = arrays["prototypes"].shape[1:]
+    if weight.shape[1] != D:
+        raise InputValueError(
+            f"publish: weight has D={weight.shape[1]} columns, the staged prototypes of entry {entry_id!r} in the "
+            f"registry at {uri} have D={D}. Fix: pass the head of the model the entry was decomposed from.")
+    idx = torch.tensor(rows, dtype=torch.long)
+    out = {}
+    for name, t in arrays.items():
+        full = torch.zeros((C, *t.shape[1:]), dtype=t.dtype)
+        if name in ("prototypes", "initial"):
+            full[:] = (weight.detach().to("cpu", t.dtype) / k)[:, None, :]
+        elif name == "alpha":
+            full[:] = 1
+        full[idx] = t
+        out[name] = full
+    return out
 
 
 def _atomic_write_local(path: str, data: bytes) -> None:

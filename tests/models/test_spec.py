@@ -112,6 +112,8 @@ def test_spec_validation():
     with pytest.raises(ValidationError, match="vgg16_gap"):
         ModelSpec(arch="vgg16", num_classes=5)  # torchvision VGG is not GAP + linear
     with pytest.raises(ValidationError, match="extra"):
+        ModelSpec(arch="resnet18", num_classes=5, pretrained=True)
+    with pytest.raises(ValidationError, match="unknown weights 'x' for resnet18.*IMAGENET1K_V1"):
         ModelSpec(arch="resnet18", num_classes=5, weights="x")
     with pytest.raises(ValidationError, match="unsupported file type"):
         ModelSpec(arch="resnet18", num_classes=5, checkpoint="model.ckpt")
