@@ -27,7 +27,10 @@ browser:
 
 # The Fashion-MNIST tests read Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist); install it when missing.
 fashion-mnist:
-	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || { [ "$$(id -u)" = 0 ] && 	  command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive 	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1) 	  || echo "dataset-fashion-mnist not installed: the Fashion-MNIST tests will be skipped"; }
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1) \
+	  || echo "dataset-fashion-mnist not installed: the Fashion-MNIST tests will be skipped"; }
 
 demo: $(STAMP)
 	$(BIN)/phpn demo --out $(OUT)

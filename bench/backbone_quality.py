@@ -39,6 +39,9 @@ from phpn_core.evaluation.suite import evaluate_all  # noqa: E402
 from phpn_core.models.split import split_classifier  # noqa: E402
 from phpn_core.models.synthparts_cnn import train_classifier  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from consistency_seeds import class_features  # noqa: E402  (the same feature pass as the CNN table)
+
 
 def _stem(width: int = 96) -> torch.nn.Sequential:
     """The synthparts CNN's conv/BN/ReLU stem at stride 8 ([B, 3, 112, 112] -> [B, width, 14, 14]): BatchNorm makes a
@@ -81,17 +84,6 @@ def build(name: str, n_classes: int, seed: int) -> tuple[torch.nn.Module, dict]:
     raise SystemExit(f"unknown model {name!r}: expected convnext or vit")
 
 
-def class_features(features, ds, batch_size: int = 64) -> dict[int, torch.Tensor]:
-    """``{class: [n_c, H, W, D]}`` of ``ds`` through ``features``."""
-    xs = torch.stack([ds[i]["image"] for i in range(len(ds))])
-    ys = torch.tensor(ds.labels)
-    with torch.inference_mode():
-        F = torch.cat([features(normalize(xs[i:i + batch_size], ds.mean, ds.std))
-                       for i in range(0, len(xs), batch_size)])
-    F = F.permute(0, 2, 3, 1).contiguous()
-    return {c: F[ys == c] for c in ys.unique().tolist()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="convnext,vit")
@@ -99,6 +91,7 @@ def main() -> None:
     ap.add_argument("--discoveries", default="semi_nmf,shift_nmf")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=None, help="override the model's recipe")
+    ap.add_argument("--cache", default=None, help="directory for trained weights (reused when present)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -113,7 +106,14 @@ def main() -> None:
             model, recipe = build(name, len(train.classes), seed)
             if args.epochs:
                 recipe["epochs"] = args.epochs
-            train_classifier(model, train, seed=seed, progress=False, description=f"train {name}", **recipe)
+            cached = Path(args.cache) / f"{name}-seed{seed}-e{recipe['epochs']}.pt" if args.cache else None
+            if cached is not None and cached.is_file():
+                model.load_state_dict(torch.load(cached, weights_only=True))
+            else:
+                train_classifier(model, train, seed=seed, progress=False, description=f"train {name}", **recipe)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(model.state_dict(), cached)
             features, W, b = split_classifier(model.eval())
             feats = class_features(features, train)
             test_feats = class_features(features, test)

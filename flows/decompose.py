@@ -25,6 +25,7 @@ from tasks.prepare import check_inputs, extract_split, prepare_model, run_class_
 
 METRIC_KEYS = ("accuracy_original", "accuracy_decomposed", "max_abs_logit_diff", "max_head_reconstruction_error",
                "consistency", "stability", "n_classes", "k", "seconds")
+CLASS_EXTREMES = 10  # the per-class Prefect table of `phpn run`: this many worst and best classes, whatever C
 
 
 @task(cache_policy=NO_CACHE, name="write-linear-head", task_run_name="write-linear-head")
@@ -92,7 +93,6 @@ def decompose_flow(cfg: RunConfig, out_dir: str) -> dict:
 
 
 def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
-    from prefect_ray.context import remote_options
 
     log = get_run_logger()
     out = Path(out_dir)
@@ -111,35 +111,14 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     rows = checked["decomposed_classes"]  # decompose.classes, or every head row with training images
     class_names = run_class_names(cfg, model_rec)
 
-    n = cfg.compute.classes_per_task
-    shards = [rows[i:i + n] for i in range(0, len(rows), n)]
     label = f"{cfg.model.arch}-{cfg.dataset.kind}"
     dec = cfg.decompose
-    options = {"normalization": dec.normalization, "target": dec.target, "refine_ridge": dec.refine_ridge,
-               "refine_iter": dec.refine_iter, "discovery": dec.discovery,
-               "nmf_options": dec.nmf_options()}
-    # max_retries: Ray re-runs a shard whose worker process died (SIGKILL, OOM, node loss); staging is idempotent.
-    resources = {"num_cpus": cfg.compute.cpus_per_task, "max_retries": 3}
-    if cfg.compute.gpus_per_task > 0 and _cluster_has_gpus():
-        resources["num_gpus"] = cfg.compute.gpus_per_task
-    progress_id = create_progress_artifact(progress=0.0, key=None, description=f"shards of {entry_id} done")
-    t_fan = time.perf_counter()
-    pins = _shard_pins(cfg.compute.shard_resources, len(shards))
-    futures = []
-    for shard, pin in zip(shards, pins):
-        with remote_options(**resources, **({"resources": {pin: SHARD_PIN_AMOUNT}} if pin else {})):
-            futures.append(decompose_shard.submit(
-                features_uri=f"{features_root}/train.zarr", registry_uri=registry_uri, linear_uri=linear_uri,
-                entry_id=entry_id, classes=shard, k=dec.k, seed=dec.seed, options=options,
-                device=cfg.compute.device, label=label))
-    records = []
-    for fut in as_completed(futures):
-        records.append(fut.result())
-        update_progress_artifact(progress_id, progress=100.0 * len(records) / len(futures))
-    t_fan = time.perf_counter() - t_fan
+    pins = _shard_pins(cfg.compute.shard_resources, -(-len(rows) // cfg.compute.classes_per_task))
+    records, t_fan = fan_out_shards(cfg, classes=rows, features_uri=f"{features_root}/train.zarr",
+                                    registry_uri=registry_uri, linear_uri=linear_uri, entry_id=entry_id, label=label)
     computed = sorted(c for r in records for c in r["computed"])
     log.info("decomposition: %d classes computed, %d reused, %d shards in %.1f s",
-             len(computed), len(rows) - len(computed), len(shards), t_fan)
+             len(computed), len(rows) - len(computed), len(records), t_fan)
 
     publish_entry(registry_uri=registry_uri, linear_uri=linear_uri, entry_id=entry_id, n_classes=C,
                          metadata={"config": json.loads(cfg.model_dump_json()), "run": cfg.name,
@@ -171,15 +150,28 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     return metrics
 
 
+def class_extremes(rel_error: list[float], classes: list[int], n: int) -> list[tuple[int, str]]:
+    """The ``n`` worst classes (highest ``rel_error[c]``, ties by index) then the up to ``n`` best (lowest, listed
+    from the highest of them to the lowest) among ``classes``, as ``(class, "worst" | "best")``; never a class
+    twice, at most ``2 n`` rows whatever ``len(classes)``."""
+    order = sorted(classes, key=lambda c: (-float(rel_error[c]), c))
+    top = min(n, len(order))
+    return [(c, "worst") for c in order[:top]] + [(c, "best") for c in order[max(top, len(order) - top):]]
+
+
 def _publish_artifacts(cfg: RunConfig, entry_id: str, metrics: dict, records: list[dict], registry_uri: str, *,
                        rows: list[int] | None = None, class_names: list[str] | None = None) -> None:
     from phpn_core.storage.registry import PrototypeRegistry
 
     arrays = PrototypeRegistry(registry_uri).load_arrays(entry_id)
     decomposed = rows if rows is not None else list(range(arrays["rel_error"].shape[0]))
+    # Bounded whatever C (as _store_artifacts): the CLASS_EXTREMES worst and best classes by NMF relative error;
+    # every class is in the report's class index (classes/index.html).
+    picks = class_extremes(arrays["rel_error"].tolist(), decomposed, CLASS_EXTREMES)
+    top = sum(rank == "worst" for _, rank in picks)
     rows = []
-    for c in decomposed:
-        row = {"class": c, "name": class_names[c] if class_names else f"class {c}",
+    for c, rank in picks:
+        row = {"class": c, "rank": rank, "name": class_names[c] if class_names else f"class {c}",
                "nmf_rel_error": round(float(arrays["rel_error"][c]), 5),
                "head_error": float(arrays["head_error"][c])}
         for name in ("nmf_iter", "refine_iter", "refine_objective"):
@@ -187,7 +179,8 @@ def _publish_artifacts(cfg: RunConfig, entry_id: str, metrics: dict, records: li
                 row[name] = round(float(arrays[name][c]), 5)
         rows.append(row)
     key = "".join(ch if ch.isalnum() else "-" for ch in f"phpn-{cfg.name}").lower()
-    create_table_artifact(rows, key=f"{key}-classes", description=f"Per-class diagnostics of {entry_id}")
+    create_table_artifact(rows, key=f"{key}-classes", description=f"Per-class diagnostics of {entry_id}: worst and "
+                                                                  f"best classes (NMF relative error) of {len(decomposed)}")
     lines = [f"# phpn run `{cfg.name}`", "", f"Registry entry `{entry_id}` in `{registry_uri}`", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {metrics.get(k)} |" for k in METRIC_KEYS]
@@ -195,6 +188,12 @@ def _publish_artifacts(cfg: RunConfig, entry_id: str, metrics: dict, records: li
     lines += ["", f"Decomposed classes ({len(decomposed)}): {shown}{' ...' if len(decomposed) > 20 else ''}"]
     if metrics.get("report"):
         lines += ["", f"Report: [{metrics['report']}](file://{metrics['report']})"]
+        index = Path(metrics["report"]).parent / "classes" / "index.html"
+        if index.is_file():
+            lines += ["", f"All {len(decomposed)} classes (index searchable by name, one page per class): "
+                          f"[{index}](file://{index})"]
+    lines += ["", f"Per-class table: the {top} worst and {len(picks) - top} best of {len(decomposed)} classes by "
+                  "NMF relative error."]
     workers = sorted({(r["host"], r["pid"]) for r in records})
     lines += ["", f"Shards ran in {len(workers)} worker process(es)."]
     create_markdown_artifact("\n".join(lines), key=f"{key}-metrics", description="phpn metrics")
@@ -221,9 +220,7 @@ def fan_out_shards(cfg: RunConfig, *, classes: list[int], features_uri: str, reg
     n = cfg.compute.classes_per_task
     shards = [classes[i:i + n] for i in range(0, len(classes), n)]
     dec = cfg.decompose
-    options = {"normalization": dec.normalization, "target": dec.target, "refine_ridge": dec.refine_ridge,
-               "refine_iter": dec.refine_iter, "discovery": dec.discovery,
-               "nmf_options": dec.nmf_options()}
+    options = dec.head_options()
     resources = {"num_cpus": cfg.compute.cpus_per_task, "max_retries": 3}
     if cfg.compute.gpus_per_task > 0 and _cluster_has_gpus():
         resources["num_gpus"] = cfg.compute.gpus_per_task

@@ -131,6 +131,11 @@ class DecomposeConfig(_Frozen):
     def nmf_options(self) -> dict:
         return {"max_iter": self.nmf_max_iter, "tol": self.nmf_tol}
 
+    def head_options(self) -> dict:
+        """The keyword options of :func:`phpn_core.method.decompose.decompose_head` that this section sets."""
+        return {"normalization": self.normalization, "target": self.target, "refine_ridge": self.refine_ridge,
+                "refine_iter": self.refine_iter, "discovery": self.discovery, "nmf_options": self.nmf_options()}
+
 
 class ComputeConfig(_Frozen):
     ray_address: str | None = Field(default=None, description="None: a local Ray sized to the machine")

@@ -89,6 +89,7 @@ def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, ent
     from phpn_core.data.factory import build_dataset
     from phpn_core.storage.registry import PrototypeRegistry
     from phpn_core.report.html import build_report
+    from phpn_core.report.class_pages import build_class_pages
     from phpn_core.storage.feature_store import FeatureStore
 
     from .prepare import load_classifier
@@ -102,10 +103,33 @@ def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, ent
     present = {int(v) for v in test.labels}
     shown = [c for c in rows if c in present][:10] or None
     names = info.metadata.get("class_names")
+    names = names if isinstance(names, list) and len(names) == info.n_classes else None
+    train, train_store, device = build_dataset(cfg.dataset, "train"), FeatureStore.open(train_features_uri), \
+        pick_device(cfg.compute.device)
     path = build_report(
-        out_dir=out_dir, head=head, features=features, test_dataset=test,
-        train_dataset=build_dataset(cfg.dataset, "train"), train_store=FeatureStore.open(train_features_uri),
-        metrics=metrics, title=f"phpn: {cfg.name}", device=pick_device(cfg.compute.device), classes=shown,
-        class_names=names if isinstance(names, list) and len(names) == info.n_classes else None,
+        out_dir=out_dir, head=head, features=features, test_dataset=test, train_dataset=train,
+        train_store=train_store, metrics=metrics, title=f"phpn: {cfg.name}", device=device, classes=shown,
+        class_names=names,
     )
-    return {"report": str(path), "seconds": round(time.perf_counter() - t, 3)}
+    # Every decomposed class, reachable: a paged, searchable index and one bounded page per class (in parallel).
+    index = build_class_pages(
+        out_dir=out_dir, head=head, features=features, test_dataset=test, train_dataset=train,
+        train_store=train_store, class_names=names, classes=rows, device=device, title=f"phpn: {cfg.name}",
+        per_class_metrics=_per_class_metrics(PrototypeRegistry(registry_uri).load_arrays(entry_id), rows, metrics,
+                                             Path(out_dir, "evaluation.json")),
+    )
+    return {"report": str(path), "class_index": str(index), "seconds": round(time.perf_counter() - t, 3)}
+
+
+def _per_class_metrics(arrays: dict, rows: list[int], metrics: dict, evaluation_json: Path) -> dict:
+    """``{column: {class: value}}`` for the class pages: NMF relative error and head error of the decomposed
+    ``rows`` (registry arrays ``[C]``), and ProtoEval consistency/stability per class when this run computed them."""
+    out = {name: {c: float(arrays[name][c]) for c in rows} for name in ("rel_error", "head_error") if name in arrays}
+    out = {("nmf_rel_error" if k == "rel_error" else k): v for k, v in out.items()}
+    if metrics.get("consistency") is not None and evaluation_json.is_file():  # written by this run's ProtoEval
+        ours = json.loads(evaluation_json.read_text()).get("phpn") or {}
+        for name in ("consistency", "stability"):
+            values = ours.get(f"{name}_per_class")
+            if isinstance(values, list) and len(values) == len(ours.get("classes") or []):
+                out[name] = {int(c): v for c, v in zip(ours["classes"], values)}
+    return out

@@ -149,7 +149,8 @@ def dff_concepts(
         seed, init, max_iter, tol: the NMF (see :func:`dff_factorize`).
 
     Returns:
-        float32 ``[C, k, D]`` on the CPU; signs +1 (``protoeval(..., prototypes_override=...)``).
+        float32 ``[C, k, D]`` on the CPU: the directions DFF factorised (``concepts - offset``; equal to grad-cam's
+        concepts for non-negative activations); signs +1 (``protoeval(..., prototypes_override=...)``).
     """
     who = "dff_concepts"
     _check_eval_mode(features_module, who)
@@ -174,7 +175,11 @@ def dff_concepts(
             res = dff_factorize(fm, k=k, seed=seed, init=init, max_iter=max_iter, tol=tol)
             if out is None:
                 out = torch.zeros(n_classes, k, fm.shape[1], dtype=torch.float32)
-            out[c] = res.concepts
+            # The factorised directions W (concepts minus the channel minima): their maps are the projections of
+            # the shifted activations DFF factorised, up to a constant per map, so they peak where DFF's own
+            # coefficients do. grad-cam's concepts (W + offset) give the same maps when every channel's minimum
+            # is 0 (post-ReLU); on signed maps offset . F would dominate and pin every peak to one place.
+            out[c] = res.concepts - res.offset.unsqueeze(0)
     return out
 
 

@@ -4,8 +4,11 @@
   dispatches to one adapter module per backbone family:
 - :mod:`~phpn_core.models.extractor`: :class:`FeatureExtractor` and the checks every adapter shares;
 - :mod:`~phpn_core.models.torchvision_cnn`: ResNet, DenseNet, MobileNet V2/V3, EfficientNet, ConvNeXt, VGG-GAP;
+- :mod:`~phpn_core.models.torchvision_transformers`: Swin v1/v2 (CLS-token ViTs refused, with the fix);
+- :mod:`~phpn_core.models.timm_adapter`: timm models through timm's own API (timm imported only when used);
 - :mod:`~phpn_core.models.generic`: ``.features`` + Linear models, GAP-ended Sequentials, explicit trunk + head;
-- :mod:`~phpn_core.models.spec`: :class:`ModelSpec`, building a model from a config and safe checkpoint loading;
+- :mod:`~phpn_core.models.spec`: :class:`ModelSpec`, building a model from a config (checkpoint, torchvision weights
+  by name, ``timm:<name>``) and safe checkpoint loading;
 - :mod:`~phpn_core.models.synthparts_cnn`: the small CNN of the demo, its training and its safetensors format.
 
 May import method, data, storage, config and errors; never evaluation or report. torchvision is imported by the

@@ -2,6 +2,7 @@
 
 - :mod:`~phpn_core.report.figures`: heatmap overlays, contribution bars, prototype galleries, PNG helpers;
 - :mod:`~phpn_core.report.html`: the self-contained HTML report of a run;
+- :mod:`~phpn_core.report.class_pages`: a paged, searchable class index and one bounded page per class;
 - :mod:`~phpn_core.report.explain`: one image explained by a registry entry (``phpn explain``).
 
 May import everything else in phpn_core; nothing in phpn_core imports report except report itself.

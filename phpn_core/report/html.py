@@ -299,6 +299,49 @@ def gallery_patches(
 # --------------------------------------------------------------------------------------------------- the report
 
 
+def _explain_classes(head: PartPrototypeHead, features: torch.nn.Module, test_dataset: Any,
+                     classes: Sequence[int], chosen: Mapping[int, list[int]], dev: torch.device
+                     ) -> dict[int, dict[str, Any]]:
+    """The chosen test images of ``classes`` (``chosen[c]``: dataset indices) through ``features`` and the head, in
+    batches of 64 images across classes: ``{c: {"images" [n, 3, S, S], "ids", "contributions" [n, k], "oriented"
+    [n, k, h, w], "logits" [n], "bias", "pred"}}`` for every class with at least one image."""
+    flat = [i for c in classes for i in chosen[c]]
+    items = [test_dataset[i] for i in flat]
+    explained: dict[int, dict[str, Any]] = {}
+    if items:
+        x = torch.stack([it["image"] for it in items]).float()
+        mean, std = getattr(test_dataset, "mean", None), getattr(test_dataset, "std", None)
+        if mean is None or std is None:
+            raise InputValueError(
+                "test_dataset has no mean/std attributes: expected the normalisation its classifier was trained "
+                "with (phpn dataset contract). Fix: add mean and std (3-tuples) to the dataset."
+            )
+        feats = _module_on(features, dev)
+        head_d = head if head.prototypes.device == dev else copy.deepcopy(head).to(dev)
+        with torch.inference_mode():
+            fmaps = torch.cat([feats(normalize(x[s : s + 64], mean, std).to(dev)) for s in range(0, len(x), 64)])
+            if fmaps.dtype != head_d.prototypes.dtype:
+                fmaps = fmaps.to(head_d.prototypes.dtype)
+            logits_all = head_d(fmaps).cpu()  # [N, C]
+            pos = 0
+            for c in classes:
+                n_c = len(chosen[c])
+                if n_c == 0:
+                    continue
+                ex = head_d.explain(fmaps[pos : pos + n_c], classes=[c])
+                explained[c] = {
+                    "images": x[pos : pos + n_c],
+                    "ids": [str(it["image_id"]) for it in items[pos : pos + n_c]],
+                    "contributions": ex.contributions[:, 0].cpu(),  # [n, k]
+                    "oriented": ex.oriented_heatmaps[:, 0].cpu(),  # [n, k, h, w]
+                    "logits": ex.logits[:, 0].cpu(),  # [n]
+                    "bias": float(ex.bias[0]),
+                    "pred": logits_all[pos : pos + n_c].argmax(1).tolist(),
+                }
+                pos += n_c
+    return explained
+
+
 def build_report(
     *,
     out_dir: str | Path,
@@ -389,40 +432,7 @@ def build_report(
 
     # -- the test images and their explanations (one forward pass) ----------------------------------------------
     chosen = select_test_images(test_dataset, classes, images_per_class)
-    flat = [i for c in classes for i in chosen[c]]
-    items = [test_dataset[i] for i in flat]
-    explained: dict[int, dict[str, Any]] = {}
-    if items:
-        x = torch.stack([it["image"] for it in items]).float()
-        mean, std = getattr(test_dataset, "mean", None), getattr(test_dataset, "std", None)
-        if mean is None or std is None:
-            raise InputValueError(
-                "test_dataset has no mean/std attributes: expected the normalisation its classifier was trained "
-                "with (phpn dataset contract). Fix: add mean and std (3-tuples) to the dataset."
-            )
-        feats = _module_on(features, dev)
-        head_d = head if head.prototypes.device == dev else copy.deepcopy(head).to(dev)
-        with torch.inference_mode():
-            fmaps = torch.cat([feats(normalize(x[s : s + 64], mean, std).to(dev)) for s in range(0, len(x), 64)])
-            if fmaps.dtype != head_d.prototypes.dtype:
-                fmaps = fmaps.to(head_d.prototypes.dtype)
-            logits_all = head_d(fmaps).cpu()  # [N, C]
-            pos = 0
-            for c in classes:
-                n_c = len(chosen[c])
-                if n_c == 0:
-                    continue
-                ex = head_d.explain(fmaps[pos : pos + n_c], classes=[c])
-                explained[c] = {
-                    "images": x[pos : pos + n_c],
-                    "ids": [str(it["image_id"]) for it in items[pos : pos + n_c]],
-                    "contributions": ex.contributions[:, 0].cpu(),  # [n, k]
-                    "oriented": ex.oriented_heatmaps[:, 0].cpu(),  # [n, k, h, w]
-                    "logits": ex.logits[:, 0].cpu(),  # [n]
-                    "bias": float(ex.bias[0]),
-                    "pred": logits_all[pos : pos + n_c].argmax(1).tolist(),
-                }
-                pos += n_c
+    explained = _explain_classes(head, features, test_dataset, classes, chosen, dev)
 
     signs = head.signs.detach().cpu()
     proto_labels = [f"p{i}" for i in range(k)]

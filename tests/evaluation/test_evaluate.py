@@ -524,7 +524,9 @@ def test_dff_concepts_shapes_nonnegative_and_match_grad_cam(synth):
         ref_concepts, _ = dff(acts.copy(), n_components=4)  # grad-cam: [D, k]
     assert concepts.shape == (3, 4, 32) and concepts.dtype == torch.float32
     assert bool((concepts >= 0).all())
-    assert torch.allclose(concepts[0], torch.from_numpy(ref_concepts.T).float(), rtol=1e-4, atol=1e-5)
+    # phpn evaluates the factorised directions: grad-cam's concepts minus each channel's minimum
+    offset = torch.from_numpy(acts.transpose(1, 0, 2, 3).reshape(acts.shape[1], -1).min(-1)).float()
+    assert torch.allclose(concepts[0] + offset, torch.from_numpy(ref_concepts.T).float(), rtol=1e-4, atol=1e-5)
     assert partial.shape == (3, 2, 32) and partial[0].abs().sum() == 0 and partial[1].abs().sum() > 0
     res = protoeval(synth["features"], synth["head"], synth["test"], prototypes_override=concepts)
     assert res.consistent.shape == (3, 4)
