@@ -32,7 +32,8 @@ Choices (named options, with their defaults):
   factorised by NMF: ``"semi_nmf"`` (Ding, Li & Jordan 2010) keeps the mixture weights non-negative and lets the
   prototypes be signed (a soft k-means of the positions: a prototype is a direction some positions have);
   ``"shift_nmf"`` runs NMF on ``F_c + s_c``, ``s_c [D] = max(0, -min F_c)`` per channel over the class's training
-  features, and refines on those shifted maps. ``"auto"`` takes ``"nmf"`` for a class whose features are
+  features (DFF's recipe), and refines on the class-centred maps (a shift adds a constant to every map that would
+  swamp the normalised comparison of spatial patterns; centring changes no peak). ``"auto"`` takes ``"nmf"`` for a class whose features are
   non-negative and ``"semi_nmf"`` otherwise, class by class (so a class's result never depends on its shard).
   None of this touches exactness: whatever P is, step 4 makes ``sum_i p~_i = v_c``, so
   ``logit_c = sum_i mean_hw(F p~_i) + b_c`` for every input F, inside the training range or not; and a shift adds
@@ -301,7 +302,12 @@ def _discover(X: torch.Tensor, rows: list[int], k: int, seeds: list[int], nmf_op
     if method == "shift_nmf":
         valid = (torch.arange(m, device=X.device).unsqueeze(0) < torch.tensor(rows, device=X.device).unsqueeze(1))
         low = torch.where(valid.unsqueeze(-1), X, torch.full_like(X, float("inf"))).amin(1)  # [C, D]
-        X = (X + (-low).clamp_min(0).unsqueeze(1)) * valid.unsqueeze(-1).to(X.dtype)
+        Xs = (X + (-low).clamp_min(0).unsqueeze(1)) * valid.unsqueeze(-1).to(X.dtype)
+        res = nmf(Xs, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options)
+        # The refinement compares maps' spatial patterns; the shift adds a large constant to every map, which would
+        # swamp the normalised comparison, so it sees the class-centred maps (a constant per map: same peaks).
+        mu = Xs.sum(1) / valid.sum(1, keepdim=True).to(X.dtype)
+        return res, (Xs - mu.unsqueeze(1)) * valid.unsqueeze(-1).to(X.dtype)
     return nmf(X, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options), X
 
 
