@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--target", default="residual", choices=("residual", "prototype"),
                     help="refinement target (the demo uses prototype, the library default is residual)")
     ap.add_argument("--epochs", type=int, default=None, help="override the model's recipe")
+    ap.add_argument("--ridge", type=float, default=1e-3, help="decompose refine_ridge")
+    ap.add_argument("--normalization", default="l2", choices=("l2", "none"))
     ap.add_argument("--cache", default=None, help="directory for trained weights (reused when present)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -125,7 +127,8 @@ def main() -> None:
             ys = torch.tensor(test.labels)
             acc = float((ref.argmax(1) == ys).float().mean())
             for disc in args.discoveries.split(","):
-                dec = decompose_head(feats, W.float(), args.k, seed=0, discovery=disc, target=args.target)
+                dec = decompose_head(feats, W.float(), args.k, seed=0, discovery=disc, target=args.target,
+                                     refine_ridge=args.ridge, normalization=args.normalization)
                 head = PartPrototypeHead(dec.prototypes, b.float(), signs=torch.sign(dec.alpha))
                 Ft = torch.cat([test_feats[c] for c in sorted(test_feats)]).permute(0, 3, 1, 2)
                 yt = torch.cat([torch.full((len(test_feats[c]),), c) for c in sorted(test_feats)])
