@@ -2,7 +2,7 @@
 
 For each backbone and data seed: train the model on SynthParts (8 classes, 112 px; CPU, minutes), split it with
 ``split_classifier`` (its features are signed: LayerNormed maps / tokens), decompose with ``decompose_head`` for
-each signed-feature discovery (``semi_nmf``, the default for signed features, and ``shift_nmf``), and evaluate on the
+each signed-feature discovery (``posneg_nmf``, the default for signed features, ``semi_nmf`` and ``shift_nmf``), and evaluate on the
 test split with :func:`phpn_core.evaluation.suite.evaluate_all`: ProtoEval consistency and stability of phpn, of
 its initial prototypes (plain semi-NMF / shifted NMF, before scaling and refinement) and of DFF (grad-cam's recipe:
 per-channel minimum subtracted, sklearn NMF); accuracy of the model and of the decomposed head on the test split,
@@ -88,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="convnext,vit")
     ap.add_argument("--seeds", default="0,1,2", help="data seeds, comma-separated")
-    ap.add_argument("--discoveries", default="semi_nmf,shift_nmf")
+    ap.add_argument("--discoveries", default="posneg_nmf,semi_nmf,shift_nmf")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--target", default="residual", choices=("residual", "prototype"),
                     help="refinement target (the demo uses prototype, the library default is residual)")

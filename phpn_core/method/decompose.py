@@ -29,12 +29,15 @@ Choices (named options, with their defaults):
   where prototype i's part is, whatever the sign of its evidence.
 - ``discovery="auto"``: how step 1 finds the initial prototypes. ``"nmf"`` needs ``F_c >= 0`` (post-ReLU, or a
   backbone's recorded constant shift). Signed features (LayerNormed ConvNeXt, Swin and ViT tokens) cannot be
-  factorised by NMF: ``"semi_nmf"`` (Ding, Li & Jordan 2010) keeps the mixture weights non-negative and lets the
-  prototypes be signed (a soft k-means of the positions: a prototype is a direction some positions have);
+  factorised by NMF as they are: ``"posneg_nmf"`` (the default for them) centres the class's features,
+  ``X = F_c - mean``, factorises ``[max(X, 0), max(-X, 0)]`` ``[N, 2D]`` by NMF (additive parts of the deviations
+  from the class mean, each with its excess and its deficit channels) and takes ``p = p+ - p-``; the refinement
+  sees the centred maps. ``"semi_nmf"`` (Ding, Li & Jordan 2010) keeps the mixture weights non-negative and lets
+  the prototypes be signed (a soft k-means of the positions: a prototype is a direction some positions have);
   ``"shift_nmf"`` runs NMF on ``F_c + s_c``, ``s_c [D] = max(0, -min F_c)`` per channel over the class's training
   features (DFF's recipe), and refines on the class-centred maps (a shift adds a constant to every map that would
   swamp the normalised comparison of spatial patterns; centring changes no peak). ``"auto"`` takes ``"nmf"`` for a class whose features are
-  non-negative and ``"semi_nmf"`` otherwise, class by class (so a class's result never depends on its shard).
+  non-negative and ``"posneg_nmf"`` otherwise, class by class (so a class's result never depends on its shard).
   None of this touches exactness: whatever P is, step 4 makes ``sum_i p~_i = v_c``, so
   ``logit_c = sum_i mean_hw(F p~_i) + b_c`` for every input F, inside the training range or not; and a shift adds
   only the constant ``s_c . p~_i`` to a map, so heatmaps peak at the same positions.
@@ -50,16 +53,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from phpn_core.method.nmf import nmf
+from phpn_core.method.nmf import NMFResult, nmf
 from phpn_core.method.semi_nmf import semi_nmf
 
 __all__ = ["decompose_class", "decompose_head", "ClassDecomposition", "HeadDecomposition", "refine", "DISCOVERIES"]
 
 NORMALIZATIONS = ("l2", "none")
 TARGETS = ("residual", "prototype")
-DISCOVERIES = ("auto", "nmf", "semi_nmf", "shift_nmf")
+DISCOVERIES = ("auto", "nmf", "semi_nmf", "shift_nmf", "posneg_nmf")
 # the code each class's discovery is recorded under (diagnostics["discovery"])
-DISCOVERY_CODES = {"nmf": 0, "semi_nmf": 1, "shift_nmf": 2}
+DISCOVERY_CODES = {"nmf": 0, "semi_nmf": 1, "shift_nmf": 2, "posneg_nmf": 3}
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def _check_features(F: torch.Tensor, name: str, D: int | None, k: int, discovery
         if fmin < 0:
             raise ValueError(
                 f"{name}: features must be non-negative for discovery='nmf'; got a minimum of {fmin:.4g}. Fix: "
-                "use discovery='auto' or 'semi_nmf' (signed features, e.g. ConvNeXt/Swin/ViT), or post-ReLU features."
+                "use discovery='auto' (signed features, e.g. ConvNeXt/Swin/ViT), or post-ReLU features."
             )
     rows = F.shape[0] * F.shape[1] * F.shape[2]
     if k > min(rows, F.shape[-1]):
@@ -299,6 +302,16 @@ def _discover(X: torch.Tensor, rows: list[int], k: int, seeds: list[int], nmf_op
     if method == "semi_nmf":
         # its own stopping defaults: nmf_options tune the NMF solver (rhals, polish, ...)
         return semi_nmf(X, k, row_counts=counts, item_seeds=seeds, device=device), X
+    if method == "posneg_nmf":  # NMF of the positive and negative parts of the class-centred features
+        valid = (torch.arange(m, device=X.device).unsqueeze(0) < torch.tensor(rows, device=X.device).unsqueeze(1))
+        vm = valid.unsqueeze(-1).to(X.dtype)
+        mu = (X * vm).sum(1) / valid.sum(1, keepdim=True).to(X.dtype)
+        Xc = (X - mu.unsqueeze(1)) * vm
+        X2 = torch.cat([Xc.clamp_min(0), (-Xc).clamp_min(0)], -1)
+        res = nmf(X2, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options)
+        D = X.shape[-1]
+        P = res.P[..., :D] - res.P[..., D:]
+        return NMFResult(res.E, P, res.rel_error, res.n_iter, res.converged), Xc
     if method == "shift_nmf":
         valid = (torch.arange(m, device=X.device).unsqueeze(0) < torch.tensor(rows, device=X.device).unsqueeze(1))
         low = torch.where(valid.unsqueeze(-1), X, torch.full_like(X, float("inf"))).amin(1)  # [C, D]
@@ -373,8 +386,8 @@ def decompose_head(
         seed: class c's NMF uses seed ``seed * 1_000_003 + c``, so a class's result does not depend on which
             other classes share its batch or shard.
         normalization, target, refine_ridge, refine_iter: the refinement (see the module docstring).
-        discovery: ``"auto"`` (NMF for non-negative classes, semi-NMF for signed ones), ``"nmf"``, ``"semi_nmf"``
-            or ``"shift_nmf"`` (see the module docstring); recorded per class in ``diagnostics["discovery"]``
+        discovery: ``"auto"`` (NMF for non-negative classes, ``"posneg_nmf"`` for signed ones), ``"nmf"``,
+            ``"posneg_nmf"``, ``"semi_nmf"`` or ``"shift_nmf"`` (see the module docstring); recorded per class in ``diagnostics["discovery"]``
             (:data:`DISCOVERY_CODES`).
         nmf_options: extra keyword options for :func:`phpn_core.method.nmf.nmf` (max_iter, tol, solver, ...).
         device: where to compute (default: the features' device).
@@ -417,7 +430,7 @@ def decompose_head(
 
     flat = {c: features_by_class[c].reshape(-1, D) for c in classes}
     if discovery == "auto":  # class by class, so a class's method never depends on its shard
-        method = {c: "nmf" if float(flat[c].min()) >= 0 else "semi_nmf" for c in classes}
+        method = {c: "nmf" if float(flat[c].min()) >= 0 else "posneg_nmf" for c in classes}
     else:
         method = dict.fromkeys(classes, discovery)
     batches = []

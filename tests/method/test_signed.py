@@ -13,7 +13,7 @@ from phpn_core.method.nmf import NMFConvergenceWarning
 from phpn_core.method.semi_nmf import semi_nmf
 
 warnings.filterwarnings("ignore", category=NMFConvergenceWarning)
-SIGNED = ["auto", "semi_nmf", "shift_nmf"]
+SIGNED = ["auto", "posneg_nmf", "semi_nmf", "shift_nmf"]
 
 
 def _layernorm(x: torch.Tensor) -> torch.Tensor:
@@ -58,12 +58,13 @@ def test_signed_features_give_exact_logits_for_every_input(n, hw, D, k, seed, di
     assert torch.allclose(ex.contributions.sum(-1) + b, ref, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("discovery", ["auto", "semi_nmf"])
-def test_semi_nmf_discovery_is_recorded_and_signed(discovery):
+@pytest.mark.parametrize("discovery, recorded", [("auto", "posneg_nmf"), ("posneg_nmf", "posneg_nmf"),
+                                                  ("semi_nmf", "semi_nmf")])
+def test_signed_discovery_is_recorded_and_its_prototypes_are_signed(discovery, recorded):
     F, _ = _parts_scene(6, 5, 24, 3, seed=1)
     cd = decompose_class(F, torch.randn(24), 3, discovery=discovery)
-    assert cd.diagnostics["discovery"] == DISCOVERY_CODES["semi_nmf"]
-    assert bool((cd.initial < 0).any()), "semi-NMF prototypes of signed features are signed"
+    assert cd.diagnostics["discovery"] == DISCOVERY_CODES[recorded]
+    assert bool((cd.initial < 0).any()), "prototypes discovered on signed features are signed"
 
 
 def test_auto_uses_nmf_for_nonnegative_classes_and_is_shard_independent():
@@ -71,7 +72,8 @@ def test_auto_uses_nmf_for_nonnegative_classes_and_is_shard_independent():
     W = torch.randn(3, 16)
     signed, relu = F, F.clamp_min(0)
     together = decompose_head({0: signed, 1: relu, 2: signed}, W, 2)
-    assert together.diagnostics["discovery"].tolist() == [1.0, 0.0, 1.0]
+    code = float(DISCOVERY_CODES["posneg_nmf"])
+    assert together.diagnostics["discovery"].tolist() == [code, 0.0, code]
     alone = decompose_head({1: relu}, W, 2)
     assert torch.equal(together.prototypes[1], alone.prototypes[0])
     alone2 = decompose_head({2: signed}, W, 2)
@@ -80,13 +82,13 @@ def test_auto_uses_nmf_for_nonnegative_classes_and_is_shard_independent():
 
 def test_plain_nmf_refuses_signed_features_and_says_what_to_use():
     F, _ = _parts_scene(3, 3, 8, 2, seed=3)
-    with pytest.raises(ValueError, match="discovery='auto' or 'semi_nmf'"):
+    with pytest.raises(ValueError, match="discovery='auto'"):
         decompose_class(F, torch.randn(8), 2, discovery="nmf")
     with pytest.raises(ValueError, match="discovery must be one of"):
         decompose_class(F, torch.randn(8), 2, discovery="pca")
 
 
-@pytest.mark.parametrize("discovery", ["auto", "semi_nmf", "shift_nmf"])
+@pytest.mark.parametrize("discovery", ["auto", "posneg_nmf", "semi_nmf", "shift_nmf"])
 def test_oriented_heatmaps_peak_on_the_planted_parts(discovery):
     """'Where' on signed maps: every planted part has a prototype whose oriented map peaks on it in most images.
 
