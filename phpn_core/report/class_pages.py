@@ -41,7 +41,7 @@ from phpn_core.errors import InputValueError, ShapeError
 from phpn_core.method.head import PartPrototypeHead
 from phpn_core.report.html import (
     _CSS,
-    _check_features_module,
+    _check_head_and_features,
     _check_pos_int,
     _class_html,
     _class_names,
@@ -274,12 +274,7 @@ def build_class_pages(
     """
     from phpn_core.report import figures as viz
 
-    if not isinstance(head, PartPrototypeHead):
-        raise InputValueError(
-            f"head must be a PartPrototypeHead; got {type(head).__name__}. Fix: load it with "
-            "PrototypeRegistry(uri).load(entry_id)[0]."
-        )
-    _check_features_module(features)
+    _check_head_and_features(head, features)
     images_per_class = _check_pos_int("images_per_class", images_per_class, "e.g. images_per_class=2.")
     gallery_size = _check_pos_int("gallery_size", gallery_size, "e.g. gallery_size=4.")
     page_size = _check_pos_int("page_size", page_size, "e.g. page_size=200.")

@@ -176,6 +176,16 @@ def _module_on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return copy.deepcopy(module).to(device)
 
 
+def _check_head_and_features(head: Any, features: Any) -> None:
+    """What every page builder needs: a decomposed head and a feature module in eval mode."""
+    if not isinstance(head, PartPrototypeHead):
+        raise InputValueError(
+            f"head must be a PartPrototypeHead; got {type(head).__name__}. Fix: load it with "
+            "PrototypeRegistry(uri).load(entry_id)[0]."
+        )
+    _check_features_module(features)
+
+
 def _check_features_module(features: Any) -> None:
     if not isinstance(features, torch.nn.Module):
         raise InputValueError(
@@ -388,12 +398,7 @@ def build_report(
     from phpn_core.report import figures as viz
 
     t0 = time.perf_counter()
-    if not isinstance(head, PartPrototypeHead):
-        raise InputValueError(
-            f"head must be a PartPrototypeHead; got {type(head).__name__}. Fix: load it with "
-            "PrototypeRegistry(uri).load(entry_id)[0]."
-        )
-    _check_features_module(features)
+    _check_head_and_features(head, features)
     images_per_class = _check_pos_int("images_per_class", images_per_class, "e.g. images_per_class=4.")
     gallery_size = _check_pos_int("gallery_size", gallery_size, "e.g. gallery_size=6.")
     max_classes = _check_pos_int("max_classes", max_classes, "e.g. max_classes=10.")
