@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import random
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -142,21 +140,9 @@ def compare(name: str, features: nn.Module, ds, workdir: str, *, batch_size: int
 
 
 def s3_vs_local(local_uri: str, features: nn.Module, ds, *, reps: int) -> list[tuple]:
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from bench._loopback_s3 import loopback_s3
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
-                     region_name="us-east-1").create_bucket(Bucket="bench")
-        opts = {"endpoint_url": endpoint, "key": "bench", "secret": "bench",
-                "client_kwargs": {"region_name": "us-east-1"}}
+    with loopback_s3("bench") as opts:
         s3_uri = "s3://bench/features"
         extract_features(features, ds, s3_uri, checkpoint_digest="none", storage_options=opts, progress=False)
         rows = []
@@ -172,8 +158,6 @@ def s3_vs_local(local_uri: str, features: nn.Module, ds, *, reps: int) -> list[t
             nbytes = f.numel() * (2 if store.schema.dtype == "float16" else 4)
             rows.append((where, list(f.shape), len(store.class_chunks(c)), nbytes / 2**20, min(times)))
         return rows
-    finally:
-        server.stop()
 
 
 def main() -> None:

@@ -162,30 +162,16 @@ def publish_from_s3(work: Path, C: int) -> dict:
     """Publishing C staged classes from S3 (moto, real HTTP on 127.0.0.1): the C = ``C`` run's staged class objects
     are uploaded to a fresh bucket, then ``PrototypeRegistry.publish`` gathers them (up to 16 requests in flight)
     and writes the entry; timed against the same publish from the local registry."""
-    import logging
-    import socket
-
-    import boto3
     import s3fs
-    from moto.server import ThreadedMotoServer
 
+    from bench._loopback_s3 import loopback_s3
     from phpn_core.storage.registry import PrototypeRegistry
     from phpn_core.storage.tensorio import read_tensors
 
     local = work / f"c{C}" / "run" / "registry"
     entry = next((local / "staging").iterdir()).name
     bias = read_tensors(str(next((local / "inputs").iterdir()) / "linear.safetensors"))[0]["bias"].float()
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        opts = {"endpoint_url": url, "key": "bench", "secret": "bench", "client_kwargs": {"region_name": "us-east-1"}}
-        boto3.client("s3", endpoint_url=url, aws_access_key_id="bench", aws_secret_access_key="bench",
-                     region_name="us-east-1").create_bucket(Bucket="scale")
+    with loopback_s3("scale") as opts:
         fs = s3fs.S3FileSystem(**opts)
         t = time.perf_counter()
         fs.put(str(local / "staging" / entry), f"scale/registry/staging/{entry}", recursive=True)
@@ -197,8 +183,6 @@ def publish_from_s3(work: Path, C: int) -> dict:
         t = time.perf_counter()
         PrototypeRegistry(str(local)).publish(entry, n_classes=C, bias=bias)
         local_s = time.perf_counter() - t
-    finally:
-        server.stop()
     return {"C": C, "staged_objects": C, "upload_s": round(upload, 2), "publish_s3_s": round(s3_s, 2),
             "publish_local_s": round(local_s, 2), "n_classes": info.n_classes}
 

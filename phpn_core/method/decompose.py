@@ -294,6 +294,13 @@ def _scale(P: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                               ).solution.squeeze(2)
 
 
+def _centred(X: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """X ``[C, m, D]`` minus each class's mean over its real rows (``valid [C, m]``); padding stays zero."""
+    vm = valid.unsqueeze(-1).to(X.dtype)
+    mu = (X * vm).sum(1) / valid.sum(1, keepdim=True).to(X.dtype)
+    return (X - mu.unsqueeze(1)) * vm
+
+
 def _discover(X: torch.Tensor, rows: list[int], k: int, seeds: list[int], nmf_options: dict, method: str, device
               ) -> tuple[object, torch.Tensor]:
     """Step 1 for a padded batch X ``[C, m, D]``: the NMF-type result and the matrix the maps are taken of."""
@@ -302,26 +309,22 @@ def _discover(X: torch.Tensor, rows: list[int], k: int, seeds: list[int], nmf_op
     if method == "semi_nmf":
         # its own stopping defaults: nmf_options tune the NMF solver (rhals, polish, ...)
         return semi_nmf(X, k, row_counts=counts, item_seeds=seeds, device=device), X
+    if method == "nmf":
+        return nmf(X, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options), X
+    valid = torch.arange(m, device=X.device).unsqueeze(0) < torch.tensor(rows, device=X.device).unsqueeze(1)
     if method == "posneg_nmf":  # NMF of the positive and negative parts of the class-centred features
-        valid = (torch.arange(m, device=X.device).unsqueeze(0) < torch.tensor(rows, device=X.device).unsqueeze(1))
-        vm = valid.unsqueeze(-1).to(X.dtype)
-        mu = (X * vm).sum(1) / valid.sum(1, keepdim=True).to(X.dtype)
-        Xc = (X - mu.unsqueeze(1)) * vm
-        X2 = torch.cat([Xc.clamp_min(0), (-Xc).clamp_min(0)], -1)
-        res = nmf(X2, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options)
+        Xc = _centred(X, valid)
+        res = nmf(torch.cat([Xc.clamp_min(0), (-Xc).clamp_min(0)], -1), k, row_counts=counts, item_seeds=seeds,
+                  device=device, **nmf_options)
         D = X.shape[-1]
-        P = res.P[..., :D] - res.P[..., D:]
-        return NMFResult(res.E, P, res.rel_error, res.n_iter, res.converged), Xc
-    if method == "shift_nmf":
-        valid = (torch.arange(m, device=X.device).unsqueeze(0) < torch.tensor(rows, device=X.device).unsqueeze(1))
-        low = torch.where(valid.unsqueeze(-1), X, torch.full_like(X, float("inf"))).amin(1)  # [C, D]
-        Xs = (X + (-low).clamp_min(0).unsqueeze(1)) * valid.unsqueeze(-1).to(X.dtype)
-        res = nmf(Xs, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options)
-        # The refinement compares maps' spatial patterns; the shift adds a large constant to every map, which would
-        # swamp the normalised comparison, so it sees the class-centred maps (a constant per map: same peaks).
-        mu = Xs.sum(1) / valid.sum(1, keepdim=True).to(X.dtype)
-        return res, (Xs - mu.unsqueeze(1)) * valid.unsqueeze(-1).to(X.dtype)
-    return nmf(X, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options), X
+        return NMFResult(res.E, res.P[..., :D] - res.P[..., D:], res.rel_error, res.n_iter, res.converged), Xc
+    # shift_nmf
+    low = torch.where(valid.unsqueeze(-1), X, torch.full_like(X, float("inf"))).amin(1)  # [C, D]
+    Xs = (X + (-low).clamp_min(0).unsqueeze(1)) * valid.unsqueeze(-1).to(X.dtype)
+    res = nmf(Xs, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options)
+    # The refinement compares maps' spatial patterns; the shift adds a large constant to every map, which would
+    # swamp the normalised comparison, so it sees the class-centred maps (a constant per map: same peaks).
+    return res, _centred(Xs, valid)
 
 
 def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: list[int], nmf_options: dict,

@@ -60,34 +60,59 @@ class NMFResult:
     converged: torch.Tensor
 
 
-def _check_input(X: torch.Tensor, k: int) -> None:
+def _check_input(X: torch.Tensor, k: int, *, who: str = "nmf", nonnegative: bool = True) -> None:
+    """The argument checks of :func:`nmf` and (``nonnegative=False``) of semi-NMF; ``who`` names the caller."""
     if not isinstance(X, torch.Tensor):
-        raise TypeError(f"nmf: X must be a torch.Tensor of shape [m, D] or [B, m, D]; got {type(X).__name__}.")
+        raise TypeError(f"{who}: X must be a torch.Tensor of shape [m, D] or [B, m, D]; got {type(X).__name__}.")
     if X.ndim not in (2, 3):
         raise ValueError(
-            f"nmf: X must have shape [m, D] or [B, m, D]; got {X.ndim} dimensions with shape {tuple(X.shape)}."
+            f"{who}: X must have shape [m, D] or [B, m, D]; got {X.ndim} dimensions with shape {tuple(X.shape)}."
         )
     if not X.is_floating_point():
-        raise TypeError(f"nmf: X must be float32 or float64; got {X.dtype}. Convert with X.float().")
+        raise TypeError(f"{who}: X must be float32 or float64; got {X.dtype}. Convert with X.float().")
     if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"nmf: k must be an int; got {type(k).__name__}.")
+        raise TypeError(f"{who}: k must be an int; got {type(k).__name__}.")
     m, D = X.shape[-2], X.shape[-1]
     if m == 0 or D == 0:
-        raise ValueError(f"nmf: X is empty (shape {tuple(X.shape)}); expected at least one row and column.")
+        raise ValueError(f"{who}: X is empty (shape {tuple(X.shape)}); expected at least one row and column.")
     if k < 1 or k > min(m, D):
         raise ValueError(
-            f"nmf: k must be in [1, min(m, D)] = [1, {min(m, D)}] for X of shape {tuple(X.shape)}; got k={k}. "
+            f"{who}: k must be in [1, min(m, D)] = [1, {min(m, D)}] for X of shape {tuple(X.shape)}; got k={k}. "
             "Use fewer prototypes or more images."
         )
     if not bool(torch.isfinite(X).all()):
         n_bad = int((~torch.isfinite(X)).sum())
-        raise ValueError(f"nmf: X must be finite; got {n_bad} NaN/inf entries. Check the feature extraction.")
+        raise ValueError(f"{who}: X must be finite; got {n_bad} NaN/inf entries. Check the feature extraction.")
+    if not nonnegative:
+        return
     xmin = float(X.min())
     if xmin < 0:
         raise ValueError(
-            f"nmf: X must be non-negative (post-ReLU features); got a minimum of {xmin:.4g}. "
+            f"{who}: X must be non-negative (post-ReLU features); got a minimum of {xmin:.4g}. "
             "Apply the backbone's documented feature shift, or use features taken after a ReLU."
         )
+
+
+def _checked_row_counts(row_counts, B: int, m: int, k: int, device, who: str) -> torch.Tensor | None:
+    """``row_counts`` as a LongTensor ``[B]`` on ``device`` with values in ``[k, m]`` (None stays None)."""
+    if row_counts is None:
+        return None
+    rc = torch.as_tensor(row_counts, device=device).long()
+    if rc.shape != (B,) or bool((rc < k).any()) or bool((rc > m).any()):
+        raise ValueError(
+            f"{who}: row_counts must have shape [{B}] with values in [k={k}, m={m}]; got "
+            f"shape {tuple(rc.shape)}, values {rc.tolist()}."
+        )
+    return rc
+
+
+def _checked_item_seeds(item_seeds, seed: int, B: int, who: str) -> list[int]:
+    """One seed per matrix: ``item_seeds`` when given (length B), else ``seed + b``."""
+    if item_seeds is None:
+        return [int(seed) + b for b in range(B)]
+    if len(item_seeds) != B:
+        raise ValueError(f"{who}: item_seeds must have one seed per matrix ({B}); got {len(item_seeds)}.")
+    return list(item_seeds)
 
 
 def _nndsvda(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int, fill: torch.Tensor):
@@ -221,22 +246,13 @@ def nmf(
         solver = "rhals" if (m * D) >= 4 * l * (m + D) else "hals"
 
     mask = None
-    if row_counts is not None:
-        rc = torch.as_tensor(row_counts, device=dev).long()
-        if rc.shape != (B,) or bool((rc < k).any()) or bool((rc > m).any()):
-            raise ValueError(
-                f"nmf: row_counts must have shape [{B}] with values in [k={k}, m={m}]; got "
-                f"shape {tuple(rc.shape)}, values {rc.tolist()}."
-            )
+    rc = _checked_row_counts(row_counts, B, m, k, dev, "nmf")
+    if rc is not None:
         mask = (torch.arange(m, device=dev).unsqueeze(0) < rc.unsqueeze(1)).to(Xb.dtype).unsqueeze(2)  # [B,m,1]
         n_valid = rc.to(Xb.dtype) * D
     else:
         n_valid = torch.full((B,), float(m * D), dtype=Xb.dtype, device=dev)
-
-    if item_seeds is None:
-        item_seeds = [int(seed) + b for b in range(B)]
-    elif len(item_seeds) != B:
-        raise ValueError(f"nmf: item_seeds must have one seed per matrix ({B}); got {len(item_seeds)}.")
+    item_seeds = _checked_item_seeds(item_seeds, seed, B, "nmf")
     xnorm2 = (Xb * Xb).sum((1, 2))
     fill = Xb.sum((1, 2)) / n_valid
 

@@ -24,28 +24,15 @@ import warnings
 
 import torch
 
-from phpn_core.method.nmf import NMFConvergenceWarning, NMFResult
+from phpn_core.method.nmf import (
+    NMFConvergenceWarning,
+    NMFResult,
+    _check_input,
+    _checked_item_seeds,
+    _checked_row_counts,
+)
 
 __all__ = ["semi_nmf"]
-
-
-def _check_input(X: torch.Tensor, k: int) -> None:
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"semi_nmf: X must be a torch.Tensor [m, D] or [B, m, D]; got {type(X).__name__}.")
-    if X.ndim not in (2, 3):
-        raise ValueError(f"semi_nmf: X must have shape [m, D] or [B, m, D]; got shape {tuple(X.shape)}.")
-    if not X.is_floating_point():
-        raise TypeError(f"semi_nmf: X must be float32 or float64; got {X.dtype}.")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"semi_nmf: k must be an int; got {type(k).__name__} {k!r}.")
-    m, D = X.shape[-2:]
-    if k < 1 or k > min(m, D):
-        raise ValueError(
-            f"semi_nmf: k must be in [1, min(m, D)] = [1, {min(m, D)}] for X of shape {tuple(X.shape)}; got k={k}. "
-            f"Use fewer prototypes or more images."
-        )
-    if not bool(torch.isfinite(X).all()):
-        raise ValueError("semi_nmf: X contains NaN or inf; expected finite features. Check the extraction.")
 
 
 def _kmeans(X: torch.Tensor, mask: torch.Tensor, k: int, seeds: list[int], iters: int) -> torch.Tensor:
@@ -120,7 +107,7 @@ def semi_nmf(
         :class:`~phpn_core.method.nmf.NMFResult` with ``E [.., m, k] >= 0``, ``P [.., k, D]`` (signed),
         ``rel_error`` ``||X - E P|| / ||X||``, ``n_iter``, ``converged``.
     """
-    _check_input(X, k)
+    _check_input(X, k, who="semi_nmf", nonnegative=False)
     if max_iter < 1 or not (tol >= 0) or check_every < 1 or hals_sweeps < 1:
         raise ValueError(
             f"semi_nmf: need max_iter >= 1, tol >= 0, check_every >= 1, hals_sweeps >= 1; got max_iter={max_iter}, "
@@ -130,20 +117,12 @@ def semi_nmf(
     dev = torch.device(device) if device is not None else X.device
     Xb = (X if batched else X.unsqueeze(0)).to(dev)
     B, m, D = Xb.shape
-    if row_counts is not None:
-        rc = torch.as_tensor(row_counts, device=dev).long()
-        if rc.shape != (B,) or bool((rc < k).any()) or bool((rc > m).any()):
-            raise ValueError(
-                f"semi_nmf: row_counts must have shape [{B}] with values in [k={k}, m={m}]; got shape "
-                f"{tuple(rc.shape)}, values {rc.tolist()}."
-            )
+    rc = _checked_row_counts(row_counts, B, m, k, dev, "semi_nmf")
+    if rc is not None:
         mask = (torch.arange(m, device=dev).unsqueeze(0) < rc.unsqueeze(1)).to(Xb.dtype)
     else:
         mask = torch.ones(B, m, dtype=Xb.dtype, device=dev)
-    if item_seeds is None:
-        item_seeds = [int(seed) + b for b in range(B)]
-    elif len(item_seeds) != B:
-        raise ValueError(f"semi_nmf: item_seeds must have one seed per matrix ({B}); got {len(item_seeds)}.")
+    item_seeds = _checked_item_seeds(item_seeds, seed, B, "semi_nmf")
 
     assign = _kmeans(Xb, mask, k, list(item_seeds), lloyd_iter)
     E = (torch.nn.functional.one_hot(assign, k).to(Xb.dtype) + 0.2) * mask.unsqueeze(-1)

@@ -47,6 +47,7 @@ from phpn_core.report.html import (
     _class_names,
     _esc,
     _explain_classes,
+    _torch_device,
     format_value,
     select_test_images,
 )
@@ -299,10 +300,7 @@ def build_class_pages(
                 "for every class."
             )
         classes = [int(c) for c in classes]
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputValueError(f"device {device!r} is not a torch device. Fix: pass 'cpu' or 'cuda'.") from None
+    dev = _torch_device(device)
 
     out = Path(out_dir) / CLASSES_DIR
     png_dir = out / "png"

@@ -176,6 +176,13 @@ def _module_on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return copy.deepcopy(module).to(device)
 
 
+def _torch_device(device: Any) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputValueError(f"device {device!r} is not a torch device. Fix: pass 'cpu' or 'cuda'.") from None
+
+
 def _check_head_and_features(head: Any, features: Any) -> None:
     """What every page builder needs: a decomposed head and a feature module in eval mode."""
     if not isinstance(head, PartPrototypeHead):
@@ -424,10 +431,7 @@ def build_report(
                 "classes=[0, 1, 2], or None for the first classes."
             )
         classes = [int(c) for c in classes]
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputValueError(f"device {device!r} is not a torch device. Fix: pass 'cpu' or 'cuda'.") from None
+    dev = _torch_device(device)
 
     out = Path(out_dir)
     png_dir = out / PNG_DIR
