@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from prefect.cache_policies import NO_CACHE
@@ -163,7 +164,8 @@ def check_inputs(cfg: RunConfig, out_dir: str | None = None) -> dict:
             f"the training images are labelled with head rows up to {too_high[-1]}, but the model's head has C={C} "
             f"rows (0..{C - 1}): rows {too_high[:5]}{' ...' if len(too_high) > 5 else ''} do not exist. Fix: set "
             "model.num_classes to the number of rows of the checkpoint's head, or correct dataset.class_map.")
-    counts = [labels.count(c) for c in range(C)]
+    per_label = Counter(labels)  # one pass: O(N + C), not a scan of the labels per class
+    counts = [per_label.get(c, 0) for c in range(C)]
     rows = decomposed_rows(cfg.decompose.classes, counts)
     k = cfg.decompose.k
     if k > D:
