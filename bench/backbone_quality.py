@@ -2,7 +2,8 @@
 
 For each backbone and data seed: train the model on SynthParts (8 classes, 112 px; CPU, minutes), split it with
 ``split_classifier`` (its features are signed: LayerNormed maps / tokens), decompose with ``decompose_head`` for
-each signed-feature discovery (``posneg_nmf``, the default for signed features, ``semi_nmf`` and ``shift_nmf``), and evaluate on the
+each signed-feature discovery (``hybrid_nmf``, the default for signed features, ``posneg_nmf``, ``semi_nmf`` and
+``shift_nmf``), and evaluate on the
 test split with :func:`phpn_core.evaluation.suite.evaluate_all`: ProtoEval consistency and stability of phpn, of
 its initial prototypes (plain semi-NMF / shifted NMF, before scaling and refinement) and of DFF (grad-cam's recipe:
 per-channel minimum subtracted, sklearn NMF); accuracy of the model and of the decomposed head on the test split,
@@ -88,7 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="convnext,vit")
     ap.add_argument("--seeds", default="0,1,2", help="data seeds, comma-separated")
-    ap.add_argument("--discoveries", default="posneg_nmf,semi_nmf,shift_nmf")
+    ap.add_argument("--discoveries", default="hybrid_nmf,posneg_nmf,semi_nmf,shift_nmf")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--target", default="residual", choices=("residual", "prototype"),
                     help="refinement target (the demo uses prototype, the library default is residual)")
@@ -99,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"{'model':8s} {'seed':>4s} {'discovery':9s} {'phpn cons':>9s} {'stab':>5s} {'init cons':>9s} {'stab':>5s} "
+    print(f"{'model':8s} {'seed':>4s} {'discovery':10s} {'phpn cons':>9s} {'stab':>5s} {'init cons':>9s} {'stab':>5s} "
           f"{'dff cons':>8s} {'stab':>5s} {'acc':>6s} {'acc dec':>7s} {'max|dlogit|':>11s} {'s':>5s}")
     rows = []
     for name in args.models.split(","):
@@ -142,7 +143,7 @@ def main() -> None:
                 row = (name, seed, disc, s["consistency"], s["stability"], ini["consistency"], ini["stability"],
                        dff["consistency"], dff["stability"], acc, acc_dec, dlogit)
                 rows.append(row)
-                print(f"{name:8s} {seed:4d} {disc:9s} {row[3]:9.1f} {row[4]:5.1f} {row[5]:9.1f} {row[6]:5.1f} "
+                print(f"{name:8s} {seed:4d} {disc:10s} {row[3]:9.1f} {row[4]:5.1f} {row[5]:9.1f} {row[6]:5.1f} "
                       f"{row[7]:8.1f} {row[8]:5.1f} {acc:6.4f} {acc_dec:7.4f} {dlogit:11.2e} "
                       f"{time.perf_counter() - t0:5.0f}", flush=True)
     print("\nmeans over seeds (consistency / stability):")
@@ -151,7 +152,7 @@ def main() -> None:
             sel = [r for r in rows if r[0] == name and r[2] == disc]
             if sel:
                 m = [sum(r[i] for r in sel) / len(sel) for i in range(3, 9)]
-                print(f"{name:8s} {disc:9s} phpn {m[0]:5.1f} / {m[1]:5.1f}   initial {m[2]:5.1f} / {m[3]:5.1f}   "
+                print(f"{name:8s} {disc:10s} phpn {m[0]:5.1f} / {m[1]:5.1f}   initial {m[2]:5.1f} / {m[3]:5.1f}   "
                       f"dff {m[4]:5.1f} / {m[5]:5.1f}   min acc {min(r[9] for r in sel):.4f}")
 
 

@@ -14,9 +14,11 @@ Nothing here writes. Entry ids and class references are validated before any I/O
 :meth:`ExplorerData.resolve_class`): a path-like id never reaches storage.
 
 Metrics of an entry (accuracy parity, consistency, stability, baselines) come from, in order: the entry's
-``metadata["metrics"]`` (when a publisher records them), then the run's ``metrics.json`` next to the registry
-(``<registry>/../metrics.json``) or next to its training store (``<train store>/../../metrics.json``), when that
-file names this entry (``"entry_id"``). Local registries only for the files; otherwise "n/a".
+``metadata["metrics"]`` (when a publisher records them), then the metrics the run recorded beside the entry's
+version (``PrototypeRegistry.record_metrics``: every ``phpn run``/``demo``/``decompose`` does, so they travel with
+the registry, S3 included), then, for registries written before that, the run's ``metrics.json`` next to the
+registry (``<registry>/../metrics.json``) or next to its training store (``<train store>/../../metrics.json``) when
+that file names this entry (``"entry_id"``); otherwise "n/a".
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 
 from phpn_core.errors import InputValueError, PhpnError
+from phpn_core.storage.registry_format import RegistryError
 
 __all__ = ["ExplorerData", "ClassView", "EntryRow", "NotFound", "BadRequest", "check_entry_id", "LRU"]
 
@@ -302,6 +305,13 @@ class ExplorerData:
         if isinstance(meta.get("metrics"), Mapping):
             found, source = dict(meta["metrics"]), "entry metadata"
         else:
+            try:  # recorded beside the version by the run (PrototypeRegistry.record_metrics)
+                recorded = self.registry.read_metrics(info.entry_id, version=info.version)
+            except RegistryError:
+                recorded = None  # unreadable: fall back to the run directory, as for older registries
+            if recorded is not None and recorded.get("entry_id", info.entry_id) == info.entry_id:
+                found, source = recorded, "registry (this version's metrics.json)"
+        if found is None:
             for path in self._metrics_candidates(meta):
                 try:
                     data = json.loads(path.read_text())

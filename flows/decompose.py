@@ -19,7 +19,7 @@ from prefect.futures import as_completed
 from prefect_ray import RayTaskRunner
 
 from phpn_core.config import RunConfig
-from tasks.decompose import decompose_shard, publish_entry
+from tasks.decompose import decompose_shard, publish_entry, record_entry_metrics
 from tasks.evaluate import build_report_task, evaluate_parity, evaluate_protoeval
 from tasks.prepare import check_inputs, extract_split, prepare_model, run_class_names
 
@@ -120,7 +120,7 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     log.info("decomposition: %d classes computed, %d reused, %d shards in %.1f s",
              len(computed), len(rows) - len(computed), len(records), t_fan)
 
-    publish_entry(registry_uri=registry_uri, linear_uri=linear_uri, entry_id=entry_id, n_classes=C,
+    published = publish_entry(registry_uri=registry_uri, linear_uri=linear_uri, entry_id=entry_id, n_classes=C,
                          metadata={"config": json.loads(cfg.model_dump_json()), "run": cfg.name,
                                    "features": {"train": train["uri"], "train_fingerprint": train["fingerprint"],
                                                 "test": test["uri"], "test_fingerprint": test["fingerprint"]},
@@ -145,6 +145,7 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
                                               entry_id=entry_id, train_features_uri=f"{features_root}/train.zarr",
                                               metrics=metrics, out_dir=out_dir)["report"]
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    record_entry_metrics(registry_uri=registry_uri, entry_id=entry_id, version=published["version"], metrics=metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _publish_artifacts(cfg, entry_id, metrics, records, registry_uri, rows=rows, class_names=class_names)
     return metrics
@@ -286,7 +287,7 @@ def _decompose_store(cfg: RunConfig, features_uri: str, head_uri: str, out_dir: 
              len(inputs["classes"]) - len(computed), len(records), stages["decomposition"])
     # Publish and parity run as Ray tasks: they gather every class's arrays, which the driver never holds.
     t = time.perf_counter()
-    publish_entry.submit(registry_uri=registry_uri, linear_uri=linear_uri, entry_id=entry_id, n_classes=C,
+    published = publish_entry.submit(registry_uri=registry_uri, linear_uri=linear_uri, entry_id=entry_id, n_classes=C,
                   metadata={"config": json.loads(cfg.model_dump_json()), "run": cfg.name,
                             "features": {"train": features_uri, "train_fingerprint": inputs["fingerprint"],
                                          "test": test_features_uri,
@@ -312,6 +313,7 @@ def _decompose_store(cfg: RunConfig, features_uri: str, head_uri: str, out_dir: 
         "shard_workers": sorted({f"{r['host']}:{r['pid']}" for r in records}),
     })
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    record_entry_metrics(registry_uri=registry_uri, entry_id=entry_id, version=published["version"], metrics=metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _store_artifacts(cfg, metrics, entry_id, registry_uri, extremes)
     return metrics

@@ -120,8 +120,8 @@ class DecomposeConfig(_Frozen):
     seed: int = 0
     normalization: Literal["l2", "none"] = "l2"
     target: Literal["residual", "prototype"] = "residual"
-    discovery: Literal["auto", "nmf", "posneg_nmf", "semi_nmf", "shift_nmf"] = Field(
-        default="auto", description="initial prototypes: NMF for non-negative features, posneg_nmf for signed ones "
+    discovery: Literal["auto", "nmf", "hybrid_nmf", "posneg_nmf", "semi_nmf", "shift_nmf"] = Field(
+        default="auto", description="initial prototypes: NMF for non-negative features, hybrid_nmf for signed ones "
                                     "(auto); or one method for every class (see phpn_core.method.decompose)")
     refine_ridge: float = Field(default=1e-3, ge=0)
     refine_iter: int = Field(default=100, ge=0)

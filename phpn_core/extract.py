@@ -491,7 +491,7 @@ def extract_features(
         if nonneg is False:
             log.warning(
                 "feature store %s: features are signed (min %.4g; %s declares nonnegative=False): stored as "
-                "computed, not clamped; decompose.discovery 'auto' factorises them (posneg_nmf)",
+                "computed, not clamped; decompose.discovery 'auto' factorises them (hybrid_nmf)",
                 store.uri, fmin, type(features).__name__,
             )
         else:

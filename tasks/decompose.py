@@ -72,6 +72,16 @@ def publish_entry(*, registry_uri: str, linear_uri: str, entry_id: str, n_classe
     return info.model_dump(mode="json") if hasattr(info, "model_dump") else dict(info)
 
 
+@task(cache_policy=NO_CACHE, name="record-metrics", task_run_name="record-metrics-{entry_id}", retries=2,
+      retry_delay_seconds=2, retry_condition_fn=retry_on_io)
+def record_entry_metrics(*, registry_uri: str, entry_id: str, version: str, metrics: dict) -> str:
+    """Store the run's metrics beside the published version (``PrototypeRegistry.record_metrics``), so the
+    registry carries them wherever the run directory goes. Returns the object's URI."""
+    from phpn_core.storage.registry import PrototypeRegistry
+
+    return PrototypeRegistry(registry_uri).record_metrics(entry_id, metrics, version=version)
+
+
 # -- decomposing a feature store someone else extracted (`phpn decompose`) -----------------------------------------
 
 

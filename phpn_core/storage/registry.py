@@ -13,6 +13,8 @@ Layout (``C`` classes, ``k`` prototypes per class, ``D`` channels)::
                                                      (PartPrototypeHead.save's format)
     objects/<entry_id>/<version>/arrays.safetensors  initial/residual [C, k, D], alpha [C, k], rel_error [C],
                                                      head_error [C], diagnostics [C]
+    objects/<entry_id>/<version>/metrics.json        optional: the run's evaluation of that version (accuracy,
+                                                     parity, ProtoEval, baselines), added by record_metrics
     entries/<entry_id>.json                      the pointer: EntryInfo (identity, shapes, metadata, the version
                                                  and the sha256 and size of both data objects)
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -76,6 +79,7 @@ from phpn_core.storage.registry_format import (
     ARRAYS_OBJECT,
     ENTRY_FORMAT,
     HEAD_OBJECT,
+    METRICS_OBJECT,
     REQUIRED_TENSORS,
     EntryInfo,
     ObjectRef,
@@ -113,6 +117,17 @@ __all__ = [
 ]
 
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (metrics can be NaN: an undefined score)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 class PrototypeRegistry:
@@ -443,6 +458,49 @@ class PrototypeRegistry:
         if set(arrays) != expected:
             raise self._corrupt(info, ARRAYS_OBJECT, f"it holds {sorted(arrays)}, expected {sorted(expected)}")
         return {n: t.to(device) for n, t in arrays.items()}
+
+    # -- metrics -------------------------------------------------------------------------------------------------
+
+    def record_metrics(self, entry_id: str, metrics: Mapping[str, Any], *, version: str) -> str:
+        """Store a run's evaluation of ``version`` of ``entry_id`` beside its data, as
+        ``objects/<entry_id>/<version>/metrics.json``, so that whoever reads the registry (``phpn serve``, a
+        notebook) finds the metrics wherever the run directory went. The pointer is not touched: a version's data
+        stay immutable and its metrics travel with it (a re-publish starts a version without metrics).
+
+        ``metrics``: JSON with str keys; NaN and infinities are stored as None (JSON has neither); stored redacted.
+        ``version``: the version evaluated (``publish(...).version``). Returns the object's URI. Raises
+        RegistryError when that version of the entry does not exist, InputValueError for non-JSON metrics.
+        """
+        _check_id(entry_id)
+        vdir = self._version_dir(entry_id, version)
+        if self._cat(safe_join(vdir, HEAD_OBJECT), f"look up version {version} of entry {entry_id!r} in") is None:
+            raise RegistryError(
+                f"Cannot record metrics for entry {entry_id!r} version {version} in the registry at {self.uri}: "
+                "that version does not exist. Fix: pass the version publish() returned (PrototypeRegistry.info("
+                "entry_id).version is the current one).")
+        clean = self._clean_metadata(_finite_json(metrics))
+        path = safe_join(vdir, METRICS_OBJECT)
+        self._put(path, json.dumps(clean, indent=2, sort_keys=True).encode("utf-8"),
+                  f"write the metrics of entry {entry_id!r} (version {version}) to")
+        return path
+
+    def read_metrics(self, entry_id: str, *, version: str | None = None) -> dict[str, Any] | None:
+        """The metrics recorded for ``version`` of ``entry_id`` (default: the current one; :meth:`record_metrics`),
+        or None when none were. RegistryError when the entry is not published or the object is not a JSON object."""
+        info = self.info(entry_id)
+        if version is not None:
+            info = info.model_copy(update={"version": version})
+        data = self._cat(safe_join(self._version_dir(entry_id, info.version), METRICS_OBJECT),
+                         f"read the metrics of entry {entry_id!r} from")
+        if data is None:
+            return None
+        try:
+            out = json.loads(data)
+        except ValueError as e:
+            raise self._corrupt(info, METRICS_OBJECT, f"it is not JSON ({_brief(e)})") from None
+        if not isinstance(out, dict):
+            raise self._corrupt(info, METRICS_OBJECT, f"it holds a JSON {type(out).__name__}, expected an object")
+        return out
 
     # -- removal -------------------------------------------------------------------------------------------------
 

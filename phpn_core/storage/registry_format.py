@@ -32,6 +32,7 @@ _CLASS_FORMAT = "phpn.registry.class/1"
 _ARRAYS_FORMAT = "phpn.registry.arrays/1"
 HEAD_OBJECT = "head.safetensors"
 ARRAYS_OBJECT = "arrays.safetensors"
+METRICS_OBJECT = "metrics.json"  # optional: the run's evaluation of this version (record_metrics)
 
 # Per-class tensors that write_classes requires: name -> number of dimensions after the class dimension
 # (prototypes [n, k, D] -> 2, alpha [n, k] -> 1, rel_error [n] -> 0). Any other name is a diagnostic [n].

@@ -300,9 +300,20 @@ def test_api_against_an_s3_registry(run, s3_server, s3_bucket):
                    digest=run["digest"], storage_options=opts)
     eid2 = _publish(run["root"], registry, hd=run["hds"][2], bias=run["bias"], k=2, tag="2" * 16, stores=stores,
                     digest=run["digest"], storage_options=opts)
+    from phpn_core.storage.registry import PrototypeRegistry
+
+    # far from any run directory: the metrics the run recorded beside the version are what the explorer shows
+    s3reg = PrototypeRegistry(registry, storage_options=opts)
+    s3reg.record_metrics(eid, {**run["metrics"], "entry_id": eid, "consistency": 61.25},
+                         version=s3reg.info(eid).version)
     c = TestClient(create_app(registry, storage_options=s3_server.storage_options), raise_server_exceptions=False)
     rows = c.get("/api/entries").json()
     assert sorted(r["entry_id"] for r in rows) == sorted([eid, eid2]) and all(r["error"] is None for r in rows)
+    by_id = {r["entry_id"]: r for r in rows}
+    assert by_id[eid]["metrics"]["consistency"] == 61.25 and by_id[eid]["metrics_source"].startswith("registry")
+    assert by_id[eid]["baselines"]["plain_nmf"] == {"consistency": 70.0, "stability": 81.0}
+    assert by_id[eid2]["metrics"] == {} and by_id[eid2]["metrics_source"] is None
+    assert "61.25" in c.get("/").text
     one = c.get(f"/api/entries/{eid}").json()
     assert one["info"]["metadata"]["features"]["train"].startswith("s3://") and one["info"]["n_classes"] == N_CLASSES
     cls = c.get(f"/api/entries/{eid}/classes/class_02").json()

@@ -90,6 +90,7 @@ def test_decompose_cli_on_an_outsider_store_is_exact(phpn_runtime, stores, tmp_p
     # The registry entry: exact head, identity from the store's schema, provenance of store and head.
     reg = PrototypeRegistry(str(out / "registry"))
     head, info = reg.load(m["entry_id"])
+    assert reg.read_metrics(m["entry_id"]) == m  # the metrics travel with the registry
     assert info.model == "outsider-net" and info.dataset == "toy" and info.k == 3 and info.n_classes == C
     assert info.metadata["features"]["train_fingerprint"] == FeatureStore.open(stores["train"]).fingerprint
     assert torch.allclose(head.prototypes.sum(1), stores["weight"], atol=1e-5)

@@ -44,6 +44,9 @@ def test_end_to_end_in_ray_workers_with_exact_logits(phpn_runtime, tmp_path):
     assert all(int(w.split(":")[1]) != os.getpid() for w in m["shard_workers"]), "shards must run in Ray workers"
     # The published head reproduces the model's logits on test images.
     head, info = PrototypeRegistry(str(out / "registry")).load(m["entry_id"])
+    # The run's metrics travel with the registry (beside the version), equal to metrics.json.
+    assert PrototypeRegistry(str(out / "registry")).read_metrics(m["entry_id"]) == json.loads(
+        (out / "metrics.json").read_text())
     model, features, _, _ = load_classifier({"arch": "synthparts_cnn", "checkpoint": str(out / "model" / "synthparts_cnn.safetensors"),
                                              "num_classes": 4, "input_size": 64})
     ds = build_dataset(cfg.dataset, "test")

@@ -13,7 +13,7 @@ from phpn_core.method.nmf import NMFConvergenceWarning
 from phpn_core.method.semi_nmf import semi_nmf
 
 warnings.filterwarnings("ignore", category=NMFConvergenceWarning)
-SIGNED = ["auto", "posneg_nmf", "semi_nmf", "shift_nmf"]
+SIGNED = ["auto", "hybrid_nmf", "posneg_nmf", "semi_nmf", "shift_nmf"]
 
 
 def _layernorm(x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +58,8 @@ def test_signed_features_give_exact_logits_for_every_input(n, hw, D, k, seed, di
     assert torch.allclose(ex.contributions.sum(-1) + b, ref, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("discovery, recorded", [("auto", "posneg_nmf"), ("posneg_nmf", "posneg_nmf"),
-                                                  ("semi_nmf", "semi_nmf")])
+@pytest.mark.parametrize("discovery, recorded", [("auto", "hybrid_nmf"), ("hybrid_nmf", "hybrid_nmf"),
+                                                  ("posneg_nmf", "posneg_nmf"), ("semi_nmf", "semi_nmf")])
 def test_signed_discovery_is_recorded_and_its_prototypes_are_signed(discovery, recorded):
     F, _ = _parts_scene(6, 5, 24, 3, seed=1)
     cd = decompose_class(F, torch.randn(24), 3, discovery=discovery)
@@ -72,7 +72,7 @@ def test_auto_uses_nmf_for_nonnegative_classes_and_is_shard_independent():
     W = torch.randn(3, 16)
     signed, relu = F, F.clamp_min(0)
     together = decompose_head({0: signed, 1: relu, 2: signed}, W, 2)
-    code = float(DISCOVERY_CODES["posneg_nmf"])
+    code = float(DISCOVERY_CODES["hybrid_nmf"])
     assert together.diagnostics["discovery"].tolist() == [code, 0.0, code]
     alone = decompose_head({1: relu}, W, 2)
     assert torch.equal(together.prototypes[1], alone.prototypes[0])
@@ -88,7 +88,7 @@ def test_plain_nmf_refuses_signed_features_and_says_what_to_use():
         decompose_class(F, torch.randn(8), 2, discovery="pca")
 
 
-@pytest.mark.parametrize("discovery", ["auto", "posneg_nmf", "semi_nmf", "shift_nmf"])
+@pytest.mark.parametrize("discovery", SIGNED)
 def test_oriented_heatmaps_peak_on_the_planted_parts(discovery):
     """'Where' on signed maps: every planted part has a prototype whose oriented map peaks on it in most images.
 
@@ -104,6 +104,38 @@ def test_oriented_heatmaps_peak_on_the_planted_parts(discovery):
     planted = cells[:, :, 0] * hw + cells[:, :, 1]  # [n, P]
     hit = (peaks.unsqueeze(2) == planted.unsqueeze(1)).float().mean(0)  # [k, P]
     assert bool((hit.amax(0) >= 0.8).all()), f"{discovery}: best hit rate per part {hit.amax(0).tolist()}"
+
+
+@pytest.mark.parametrize("discovery", ["hybrid_nmf", "posneg_nmf"])
+def test_centring_discoveries_ignore_a_per_channel_offset(discovery):
+    """hybrid_nmf and posneg_nmf see each channel relative to its own floor or mean: adding a constant per channel
+    to every position (what a LayerNorm's beta or a bias does) changes no prototype."""
+    F, _ = _parts_scene(6, 4, 16, 2, seed=6)
+    F = F.double()  # in float32 the offset's rounding moves NMF's iterates by ~1e-3 relative
+    v = torch.randn(16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    offset = torch.randn(16, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 5
+    one = decompose_class(F, v, 3, discovery=discovery)
+    moved = decompose_class(F + offset, v, 3, discovery=discovery)
+    assert torch.allclose(one.prototypes, moved.prototypes, atol=1e-8 * float(one.prototypes.abs().max()))
+
+
+def test_hybrid_nmf_shifts_floored_channels_and_splits_two_sided_ones():
+    """A channel with a floor (an activation: values at most ~1 sd below the mean) has no deficit part; a
+    two-sided channel has both. The floored half of F is post-GELU-like, the other half LayerNormed noise."""
+    g = torch.Generator().manual_seed(9)
+    n, hw, D = 8, 5, 16
+    floored = torch.nn.functional.gelu(torch.randn(n, hw, hw, D // 2, generator=g) * 2)
+    two_sided = torch.randn(n, hw, hw, D // 2, generator=g)
+    F = torch.cat([floored, two_sided], -1)
+    from phpn_core.method.decompose import _hybrid_discover
+
+    X = F.reshape(1, -1, D)
+    valid = torch.ones(1, X.shape[1], dtype=torch.bool)
+    res, Xc = _hybrid_discover(X, valid, 3, None, [0], {}, "cpu")
+    assert torch.allclose(Xc[0], X[0] - X[0].mean(0), atol=1e-5)
+    # each prototype maps back as (p+ - p-) / sd: where p- is zero (the floored channels) the prototype is >= 0
+    assert bool((res.P[0, :, : D // 2] >= 0).all()), "a floored channel's prototype entries have no deficit part"
+    assert bool((res.P[0, :, D // 2 :] < 0).any()), "two-sided channels keep their deficit parts"
 
 
 def test_semi_nmf_recovers_centroids_and_keeps_e_nonnegative():

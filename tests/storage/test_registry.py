@@ -416,6 +416,36 @@ def test_corrupt_data_object_is_refused(reg):
     assert torch.equal(reg.load(eid)[0].prototypes, T["prototypes"])
 
 
+def test_metrics_recorded_beside_a_version_travel_with_it(reg, where):
+    """record_metrics stores the run's evaluation beside the version (locally and on S3); NaN becomes None,
+    secrets are redacted, a re-publish starts a version without metrics, and the pointer is never rewritten."""
+    T, bias = make_results(3, 2, 4)
+    eid = eid_for(2)
+    stage_all(reg, eid, T)
+    info = publish(reg, eid, 3, bias)
+    assert reg.read_metrics(eid) is None
+    pointer = reg._fs.cat_file(reg._pointer(eid))
+    metrics = {"entry_id": eid, "consistency": 66.5, "stability": float("nan"), "per_class": [1.0, float("inf")],
+               "registry": "s3://bucket/reg?secret=" + SECRET}
+    uri = reg.record_metrics(eid, metrics, version=info.version)
+    assert uri.endswith(f"{info.version}/metrics.json")
+    got = reg.read_metrics(eid)
+    assert got["consistency"] == 66.5 and got["stability"] is None and got["per_class"] == [1.0, None]
+    assert SECRET not in json.dumps(got)
+    assert metrics["stability"] != metrics["stability"], "the caller's dict is not modified"
+    assert reg._fs.cat_file(reg._pointer(eid)) == pointer
+    assert torch.equal(reg.load(eid)[0].prototypes, T["prototypes"])
+    again = publish(reg, eid, 3, bias)
+    assert reg.read_metrics(eid) is None and reg.read_metrics(eid, version=info.version)["consistency"] == 66.5
+    with pytest.raises(RegistryError, match="version .* does not exist"):
+        reg.record_metrics(eid, metrics, version="0" * 32)
+    with pytest.raises(InputValueError, match="not JSON-serialisable"):
+        reg.record_metrics(eid, {"x": object()}, version=again.version)
+    overwrite(reg, object_path(reg, info, "metrics.json"), b"[1, 2]")
+    with pytest.raises(RegistryError, match="expected an object"):
+        reg.read_metrics(eid, version=info.version)
+
+
 class _Evil:
     """Unpickling this creates a marker file: a loader that unpickles would be caught red-handed."""
 
