@@ -79,6 +79,24 @@ def _status(exc: BaseException) -> tuple[int, str]:
     return 500, "Internal error"
 
 
+def _mount_api_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI (v5: FastAPI's OpenAPI 3.1) from the files the fastapi-offline package ships.
+    FastAPI's default page loads them from a CDN, which an offline cluster or laptop cannot reach."""
+    import fastapi_offline
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    static = Path(fastapi_offline.__file__).resolve().parent / "static"
+    app.mount("/static/swagger-ui", StaticFiles(directory=static), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def _docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: API",
+                                   swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger-ui/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger-ui/favicon.png")
+
+
 def create_app(
     registry_uri: str | os.PathLike[str],
     *,
@@ -108,10 +126,11 @@ def create_app(
     shown_registry = data.registry.uri
     limits = (f"Limits: {max_upload_bytes / 2**20:.0f} MiB per image, {max_pixels / 1e6:.0f} megapixels; "
               "PNG, JPEG, WebP, BMP, GIF (first frame), TIFF.")
-    app = FastAPI(title="phpn explorer", version="1", description=(
+    app = FastAPI(title="phpn explorer", version="1", docs_url=None, redoc_url=None, description=(
         f"Browse, compare and query the prototype registry at `{shown_registry}` (read-only). HTML pages at `/`, "
         "JSON under `/api`."))
     app.state.data = data
+    _mount_api_docs(app)
 
     # -- errors ----------------------------------------------------------------------------------------------------
 
