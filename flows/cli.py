@@ -146,15 +146,17 @@ def registry_list(uri: str = typer.Argument(..., help="registry URI (path or s3:
 
 @registry_app.command("show")
 def registry_show(uri: str = typer.Argument(...), entry: str = typer.Argument(...)) -> None:
-    """Show one entry's metadata as JSON."""
+    """Show one entry's metadata as JSON, with the metrics its run recorded (``recorded_metrics``, null if none)."""
     from phpn_core.errors import PhpnError
     from phpn_core.storage.registry import PrototypeRegistry
 
     try:
-        info = PrototypeRegistry(uri).info(entry)
+        reg = PrototypeRegistry(uri)
+        info = reg.info(entry)
+        recorded = reg.read_metrics(entry, version=info.version)
     except PhpnError as e:
         _fail(str(e))
-    print(json.dumps(info.model_dump(mode="json"), indent=2))
+    print(json.dumps({**info.model_dump(mode="json"), "recorded_metrics": recorded}, indent=2))
 
 
 def _parse_classes(values: list[str] | None, class_names: list[str]) -> list[int] | None:

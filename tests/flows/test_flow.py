@@ -122,7 +122,9 @@ def test_cli_help_and_registry_commands(phpn_runtime, tmp_path):
     r = CliRunner().invoke(app, ["registry", "list", reg])
     assert r.exit_code == 0 and "synthparts" in r.output
     r = CliRunner().invoke(app, ["registry", "show", reg, m["entry_id"]])
-    assert r.exit_code == 0 and json.loads(r.output)["entry_id"] == m["entry_id"]
+    shown = json.loads(r.output)
+    assert r.exit_code == 0 and shown["entry_id"] == m["entry_id"]
+    assert shown["recorded_metrics"]["consistency"] == m["consistency"]
     r = CliRunner().invoke(app, ["registry", "show", reg, "../evil"])
     assert r.exit_code == 2
     bad = tmp_path / "bad.yaml"
