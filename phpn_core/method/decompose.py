@@ -309,6 +309,11 @@ def _centred(X: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (X - mu.unsqueeze(1)) * vm
 
 
+def _masked_min(X: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each class's per-channel minimum over its real rows: X ``[C, m, D]``, valid ``[C, m]`` -> ``[C, D]``."""
+    return torch.where(valid.unsqueeze(-1), X, torch.full_like(X, float("inf"))).amin(1)
+
+
 def _hybrid_discover(X: torch.Tensor, valid: torch.Tensor, k: int, counts, seeds: list[int], nmf_options: dict,
                      device) -> tuple[NMFResult, torch.Tensor]:
     """``hybrid_nmf`` for a padded batch X ``[C, m, D]`` (``valid [C, m]``): per class and channel j, with mean mu_j,
@@ -323,7 +328,7 @@ def _hybrid_discover(X: torch.Tensor, valid: torch.Tensor, k: int, counts, seeds
     mu = (X * vm).sum(1) / n
     sd = ((((X - mu.unsqueeze(1)) * vm) ** 2).sum(1) / (n - 1).clamp_min(1)).sqrt()
     sd = torch.where(sd > 0, sd, torch.ones_like(sd))  # a constant channel: z = 0 either way
-    low = torch.where(valid.unsqueeze(-1), X, torch.full_like(X, float("inf"))).amin(1)
+    low = _masked_min(X, valid)
     ref = torch.where(mu - low < FLOOR_SD * sd, low, mu)
     Z = (X - ref.unsqueeze(1)) / sd.unsqueeze(1) * vm
     res = nmf(torch.cat([Z.clamp_min(0), (-Z).clamp_min(0)], -1), k, row_counts=counts, item_seeds=seeds,
@@ -353,7 +358,7 @@ def _discover(X: torch.Tensor, rows: list[int], k: int, seeds: list[int], nmf_op
         D = X.shape[-1]
         return NMFResult(res.E, res.P[..., :D] - res.P[..., D:], res.rel_error, res.n_iter, res.converged), Xc
     # shift_nmf
-    low = torch.where(valid.unsqueeze(-1), X, torch.full_like(X, float("inf"))).amin(1)  # [C, D]
+    low = _masked_min(X, valid)
     Xs = (X + (-low).clamp_min(0).unsqueeze(1)) * valid.unsqueeze(-1).to(X.dtype)
     res = nmf(Xs, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options)
     # The refinement compares maps' spatial patterns; the shift adds a large constant to every map, which would
