@@ -50,7 +50,7 @@ class Runtime:
 @contextlib.contextmanager
 def prefect_server() -> Iterator[tuple[str, bool, float]]:
     """Yield ``(api_url, started_here, seconds_to_start)``; starts a temporary server when none is configured."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if url:
@@ -62,8 +62,14 @@ def prefect_server() -> Iterator[tuple[str, bool, float]]:
     server = SubprocessASGIServer()
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
     took = time.perf_counter() - t
+    # Flow-run heartbeats let a long-lived server mark a crashed run; this server dies with the process, so they
+    # would only cost time: Prefect's heartbeat thread sleeps in whole seconds and every flow run's exit joins it
+    # (about 1 s per flow run, subflows included). A user's PREFECT_FLOWS_HEARTBEAT_FREQUENCY wins.
+    updates: dict = {PREFECT_API_URL: server.api_url}
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" not in os.environ:
+        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with temporary_settings(updates=updates):
             os.environ["PREFECT_API_URL"] = server.api_url
             try:
                 yield server.api_url, True, took

@@ -42,6 +42,17 @@ def test_end_to_end_in_ray_workers_with_exact_logits(phpn_runtime, tmp_path):
     assert m["accuracy_original"] == m["accuracy_decomposed"] and m["max_abs_logit_diff"] <= 1e-4
     assert m["classes_computed"] == 4
     assert all(int(w.split(":")[1]) != os.getpid() for w in m["shard_workers"]), "shards must run in Ray workers"
+    # The flow run carries the labels; its task runs carry none (a tagged task run makes Prefect acquire tag
+    # concurrency slots, which delayed shard starts in Ray workers by ~2 s).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(limit=1, sort=FlowRunSort.START_TIME_DESC)[0]
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    assert {"phpn", "model:synthparts_cnn", "k:3"} <= set(run.tags), run.tags
+    assert task_runs and all(not t.tags for t in task_runs), [t.tags for t in task_runs]
     # The published head reproduces the model's logits on test images.
     head, info = PrototypeRegistry(str(out / "registry")).load(m["entry_id"])
     # The run's metrics travel with the registry (beside the version), equal to metrics.json.
