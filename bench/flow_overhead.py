@@ -1,10 +1,11 @@
 """Orchestration overhead of decompose_flow on the demo: Prefect + Ray scheduling and I/O vs. the compute.
 
 Runs the demo (model and features prepared by a first, untimed run) through the real flow — temporary Prefect
-server, local Ray, default shard size — into a fresh registry, so every class is recomputed and evaluated; then
-the same task bodies in-process (their ``.fn``), without Prefect or Ray, in the same run. The difference is the
-orchestration overhead. Prints the
-one-time starts (Prefect server, Ray) separately.
+server, local Ray, default shard size — into a fresh registry, so every class is recomputed and evaluated; then,
+right after each flow run, the same task bodies in-process (their ``.fn``), without Prefect or Ray. The pairs are
+interleaved so that both halves see the same machine. Prints each pair, the last flow run's task timeline as the
+Prefect server recorded it (where the time went), the best-against-best overhead and the median over the pairs;
+the one-time starts (Prefect server, Ray) separately.
 
     .venv/bin/python bench/flow_overhead.py [--out runs/bench-overhead]
 """
