@@ -162,8 +162,8 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
                                               entry_id=entry_id, train_features_uri=f"{features_root}/train.zarr",
                                               metrics=metrics, out_dir=out_dir)["report"]
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))  # first: nothing is lost
     record_entry_metrics(registry_uri=registry_uri, entry_id=entry_id, version=published["version"], metrics=metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _publish_artifacts(cfg, entry_id, metrics, records, registry_uri, rows=rows, class_names=class_names)
     return metrics
 
@@ -330,8 +330,8 @@ def _decompose_store(cfg: RunConfig, features_uri: str, head_uri: str, out_dir: 
         "shard_workers": sorted({f"{r['host']}:{r['pid']}" for r in records}),
     })
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))  # first: nothing is lost
     record_entry_metrics(registry_uri=registry_uri, entry_id=entry_id, version=published["version"], metrics=metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _store_artifacts(cfg, metrics, entry_id, registry_uri, extremes)
     return metrics
 
