@@ -406,13 +406,7 @@ class PrototypeRegistry:
 
     def exists(self, entry_id: str) -> bool:
         """True when ``entry_id`` is published (its pointer exists)."""
-        path = self._contained(self._pointer(entry_id))
-        with self._io(f"look up entry {entry_id!r} in"):
-            try:
-                self._fs.info(path)
-                return True
-            except FileNotFoundError:
-                return False
+        return self._exists(self._pointer(entry_id), f"look up entry {entry_id!r} in")
 
     def info(self, entry_id: str) -> EntryInfo:
         """The pointer of ``entry_id``; RegistryError (listing a few known ids) when it is not published."""
@@ -434,12 +428,12 @@ class PrototypeRegistry:
                 head, _ = PartPrototypeHead.load(path, device=device)
             except Exception as e:
                 why = f"it is not a phpn head in safetensors format ({_brief(e)})"
-                raise self._corrupt(info, HEAD_OBJECT, why) from None
+                raise self._corrupt(info.entry_id, info.version, HEAD_OBJECT, why) from None
         want = (info.n_classes, info.k, info.D)
         if tuple(head.prototypes.shape) != want:
             raise self._corrupt(
-                info, HEAD_OBJECT, f"its prototypes have shape {list(head.prototypes.shape)}, the pointer says "
-                f"[C, k, D] = {list(want)}"
+                info.entry_id, info.version, HEAD_OBJECT,
+                f"its prototypes have shape {list(head.prototypes.shape)}, the pointer says [C, k, D] = {list(want)}"
             )
         return head, info
 
@@ -453,10 +447,12 @@ class PrototypeRegistry:
 
             arrays = st_load(data)
         except Exception as e:
-            raise self._corrupt(info, ARRAYS_OBJECT, f"it is not a safetensors file ({_brief(e)})") from None
+            raise self._corrupt(info.entry_id, info.version, ARRAYS_OBJECT,
+                                f"it is not a safetensors file ({_brief(e)})") from None
         expected = set(ARRAY_NAMES) | set(info.diagnostics)
         if set(arrays) != expected:
-            raise self._corrupt(info, ARRAYS_OBJECT, f"it holds {sorted(arrays)}, expected {sorted(expected)}")
+            raise self._corrupt(info.entry_id, info.version, ARRAYS_OBJECT,
+                                f"it holds {sorted(arrays)}, expected {sorted(expected)}")
         return {n: t.to(device) for n, t in arrays.items()}
 
     # -- metrics -------------------------------------------------------------------------------------------------
@@ -473,7 +469,7 @@ class PrototypeRegistry:
         """
         _check_id(entry_id)
         vdir = self._version_dir(entry_id, version)
-        if self._cat(safe_join(vdir, HEAD_OBJECT), f"look up version {version} of entry {entry_id!r} in") is None:
+        if not self._exists(safe_join(vdir, HEAD_OBJECT), f"look up version {version} of entry {entry_id!r} in"):
             raise RegistryError(
                 f"Cannot record metrics for entry {entry_id!r} version {version} in the registry at {self.uri}: "
                 "that version does not exist. Fix: pass the version publish() returned (PrototypeRegistry.info("
@@ -487,19 +483,19 @@ class PrototypeRegistry:
     def read_metrics(self, entry_id: str, *, version: str | None = None) -> dict[str, Any] | None:
         """The metrics recorded for ``version`` of ``entry_id`` (default: the current one; :meth:`record_metrics`),
         or None when none were. RegistryError when the entry is not published or the object is not a JSON object."""
-        info = self.info(entry_id)
-        if version is not None:
-            info = info.model_copy(update={"version": version})
-        data = self._cat(safe_join(self._version_dir(entry_id, info.version), METRICS_OBJECT),
+        current = self.info(entry_id).version  # refuses an unpublished entry
+        version = current if version is None else version
+        data = self._cat(safe_join(self._version_dir(entry_id, version), METRICS_OBJECT),
                          f"read the metrics of entry {entry_id!r} from")
         if data is None:
             return None
         try:
             out = json.loads(data)
         except ValueError as e:
-            raise self._corrupt(info, METRICS_OBJECT, f"it is not JSON ({_brief(e)})") from None
+            raise self._corrupt(entry_id, version, METRICS_OBJECT, f"it is not JSON ({_brief(e)})") from None
         if not isinstance(out, dict):
-            raise self._corrupt(info, METRICS_OBJECT, f"it holds a JSON {type(out).__name__}, expected an object")
+            raise self._corrupt(entry_id, version, METRICS_OBJECT,
+                                f"it holds a JSON {type(out).__name__}, expected an object")
         return out
 
     # -- removal -------------------------------------------------------------------------------------------------
@@ -617,12 +613,12 @@ class PrototypeRegistry:
             )
         ref = info.objects.get(name)
         if ref is None:
-            raise self._corrupt(info, name, "the pointer records no checksum for it")
+            raise self._corrupt(info.entry_id, info.version, name, "the pointer records no checksum for it")
         digest = hashlib.sha256(data).hexdigest()
         if digest != ref.sha256 or len(data) != ref.size:
             raise self._corrupt(
-                info, name, f"its sha256 is {digest} ({len(data)} bytes), the pointer recorded {ref.sha256} "
-                f"({ref.size} bytes)"
+                info.entry_id, info.version, name, f"its sha256 is {digest} ({len(data)} bytes), the pointer "
+                f"recorded {ref.sha256} ({ref.size} bytes)"
             )
         return info, data
 
@@ -673,9 +669,9 @@ class PrototypeRegistry:
             "(PrototypeRegistry.entry_id(model, dataset, k, config_digest)) or publish the entry first."
         )
 
-    def _corrupt(self, info: EntryInfo, name: str, why: str) -> RegistryError:
+    def _corrupt(self, entry_id: str, version: str, name: str, why: str) -> RegistryError:
         return RegistryError(
-            f"Corrupt object {name} of entry {info.entry_id!r} (version {info.version}) in the registry at "
+            f"Corrupt object {name} of entry {entry_id!r} (version {version}) in the registry at "
             f"{self.uri}: {why}. Refusing to load it. Fix: publish the entry again from its staged classes "
             "(or delete it); if it keeps happening, check the storage."
         )
@@ -761,6 +757,16 @@ class PrototypeRegistry:
                 return []
         prefix = self._fs._strip_protocol(path).rstrip("/")
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in listed if p.rstrip("/") != prefix]
+
+    def _exists(self, path: str, action: str) -> bool:
+        """Whether the object at ``path`` exists (a metadata request: nothing is read)."""
+        self._contained(path)
+        with self._io(action):
+            try:
+                self._fs.info(path)
+                return True
+            except FileNotFoundError:
+                return False
 
     def _rm(self, path: str, action: str, *, recursive: bool = False) -> bool:
         self._contained(path)
