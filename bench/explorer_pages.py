@@ -92,15 +92,32 @@ def build(root: Path, *, C: int, k: int, D: int, per_class: int, image_size: int
     return registry, entry
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of :func:`build_from_args` (the synthetic run both page benches build)."""
     ap.add_argument("--n-classes", type=int, default=1000)
-    ap.add_argument("--classes", type=int, default=8, help="classes to time (spread over all)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--D", type=int, default=256)
     ap.add_argument("--per-class", type=int, default=3, help="train and test images per class")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--dir", type=Path, default=None, help="build here (default: a temporary folder)")
+
+
+def build_from_args(args: argparse.Namespace, *, prefix: str):
+    """:func:`build` under ``args.dir`` or a new temporary folder; returns ``(tmp or None, root, registry, entry)``."""
+    tmp = tempfile.TemporaryDirectory(prefix=prefix) if args.dir is None else None
+    root = Path(tmp.name) if tmp else args.dir
+    t = time.perf_counter()
+    registry, entry = build(root, C=args.n_classes, k=args.k, D=args.D, per_class=args.per_class,
+                            image_size=args.image_size)
+    print(f"built a {args.n_classes}-class run (k={args.k}, D={args.D}, {args.per_class} train + test images per "
+          f"class, {args.image_size} px) in {time.perf_counter() - t:.1f} s: {entry}")
+    return tmp, root, registry, entry
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(ap)
+    ap.add_argument("--classes", type=int, default=8, help="classes to time (spread over all)")
     args = ap.parse_args()
 
     import torch
@@ -109,13 +126,7 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     from explorer.app import create_app
 
-    tmp = tempfile.TemporaryDirectory(prefix="phpn-bench-explorer-") if args.dir is None else None
-    root = Path(tmp.name) if tmp else args.dir
-    t = time.perf_counter()
-    registry, entry = build(root, C=args.n_classes, k=args.k, D=args.D, per_class=args.per_class,
-                            image_size=args.image_size)
-    print(f"built a {args.n_classes}-class entry (k={args.k}, D={args.D}, {args.per_class} train + test images per "
-          f"class) in {time.perf_counter() - t:.1f} s: {entry}")
+    tmp, root, registry, entry = build_from_args(args, prefix="phpn-bench-explorer-")
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(registry), host="127.0.0.1", port=port, log_level="warning"))

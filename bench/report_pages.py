@@ -20,30 +20,24 @@ import argparse
 import filecmp
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from explorer_pages import add_run_arguments, build_from_args  # noqa: E402  (the same synthetic run)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-classes", type=int, default=1000)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--D", type=int, default=256)
-    ap.add_argument("--per-class", type=int, default=3, help="train and test images per class")
-    ap.add_argument("--image-size", type=int, default=64)
+    add_run_arguments(ap)
     ap.add_argument("--images-per-class", type=int, default=2)
     ap.add_argument("--gallery-size", type=int, default=4)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dir", type=Path, default=None, help="build here (default: a temporary folder)")
     args = ap.parse_args()
 
     import torch
-    from explorer_pages import build
 
     from phpn_core.data.imagefolder import ImageFolderDataset
     from phpn_core.report.class_pages import build_class_pages
@@ -51,11 +45,7 @@ def main() -> None:
     from phpn_core.storage.registry import PrototypeRegistry
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    tmp = tempfile.TemporaryDirectory(prefix="phpn-bench-pages-") if args.dir is None else None
-    root = Path(tmp.name) if tmp else args.dir
-    t = time.perf_counter()
-    registry, entry = build(root, C=args.n_classes, k=args.k, D=args.D, per_class=args.per_class,
-                            image_size=args.image_size)
+    tmp, root, registry, entry = build_from_args(args, prefix="phpn-bench-pages-")
     head, _ = PrototypeRegistry(registry).load(entry)
     arrays = PrototypeRegistry(registry).load_arrays(entry)
     train = ImageFolderDataset(root / "data" / "train", image_size=args.image_size)
@@ -64,8 +54,6 @@ def main() -> None:
     torch.manual_seed(0)
     features = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(7), torch.nn.Conv2d(3, args.D, 1),
                                    torch.nn.ReLU()).eval()
-    print(f"built a {args.n_classes}-class run (k={args.k}, D={args.D}, {args.per_class} train + test images per "
-          f"class, {args.image_size} px) in {time.perf_counter() - t:.1f} s")
 
     common = dict(head=head, features=features, test_dataset=test, train_dataset=train, train_store=store,
                   per_class_metrics={"nmf_rel_error": arrays["rel_error"], "head_error": arrays["head_error"]},
