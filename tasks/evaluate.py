@@ -95,7 +95,8 @@ def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, ent
     from .prepare import load_classifier
 
     t = time.perf_counter()
-    head, info = PrototypeRegistry(registry_uri).load(entry_id)
+    registry = PrototypeRegistry(registry_uri)
+    head, info = registry.load(entry_id)
     _, features, _, _ = load_classifier(model_rec)
     test = build_dataset(cfg.dataset, "test")
     # The decomposed rows that have test images (a 1000-class head explained on 5 classes shows those 5), by name.
@@ -115,7 +116,7 @@ def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, ent
     index = build_class_pages(
         out_dir=out_dir, head=head, features=features, test_dataset=test, train_dataset=train,
         train_store=train_store, class_names=names, classes=rows, device=device, title=f"phpn: {cfg.name}",
-        per_class_metrics=_per_class_metrics(PrototypeRegistry(registry_uri).load_arrays(entry_id), rows, metrics,
+        per_class_metrics=_per_class_metrics(registry.load_arrays(entry_id), rows, metrics,
                                              Path(out_dir, "evaluation.json")),
     )
     return {"report": str(path), "class_index": str(index), "seconds": round(time.perf_counter() - t, 3)}
@@ -124,8 +125,8 @@ def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, ent
 def _per_class_metrics(arrays: dict, rows: list[int], metrics: dict, evaluation_json: Path) -> dict:
     """``{column: {class: value}}`` for the class pages: NMF relative error and head error of the decomposed
     ``rows`` (registry arrays ``[C]``), and ProtoEval consistency/stability per class when this run computed them."""
-    out = {name: {c: float(arrays[name][c]) for c in rows} for name in ("rel_error", "head_error") if name in arrays}
-    out = {("nmf_rel_error" if k == "rel_error" else k): v for k, v in out.items()}
+    out = {column: {c: float(arrays[name][c]) for c in rows}
+           for name, column in (("rel_error", "nmf_rel_error"), ("head_error", "head_error")) if name in arrays}
     if metrics.get("consistency") is not None and evaluation_json.is_file():  # written by this run's ProtoEval
         ours = json.loads(evaluation_json.read_text()).get("phpn") or {}
         for name in ("consistency", "stability"):
