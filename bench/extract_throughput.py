@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from phpn_core.models.split import split_classifier  # noqa: E402
 from phpn_core.data.base import normalize  # noqa: E402
 from phpn_core.data.synthparts import SynthParts  # noqa: E402
-from phpn_core.extract import _collate, extract_features  # noqa: E402
+from phpn_core.extract import extract_features  # noqa: E402
+from phpn_core.extract.pipeline import collate as _collate  # noqa: E402
 from phpn_core.models.synthparts_cnn import SynthPartsCNN  # noqa: E402
 from phpn_core.storage.feature_store import FeatureStore  # noqa: E402
 

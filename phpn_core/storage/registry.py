@@ -59,14 +59,6 @@ from pydantic import ValidationError
 
 from phpn_core.errors import InputValueError, PhpnError
 from phpn_core.method.head import PartPrototypeHead
-from phpn_core.storage.uri import (
-    StorageLocation,
-    parse_uri,
-    redact,
-    resolve_storage_options,
-    safe_join,
-)
-
 from phpn_core.storage.registry_format import (
     _ARRAYS_FORMAT,
     _CLASS_FILE_RE,
@@ -103,6 +95,13 @@ from phpn_core.storage.registry_format import (
     _slug,
     _stack,
     decomposition_tensors,
+)
+from phpn_core.storage.uri import (
+    StorageLocation,
+    parse_uri,
+    redact,
+    resolve_storage_options,
+    safe_join,
 )
 
 __all__ = [

@@ -1,6 +1,6 @@
 """What a feature store holds and where each image lives: the schema, its identity, and the chunk layout.
 
-:class:`FeatureSchema` is the store's identity and shape (stored as JSON in the group attributes); ``_Layout`` places
+:class:`FeatureSchema` is the store's identity and shape (stored as JSON in the group attributes); ``StoreLayout`` places
 images class-contiguously on chunk boundaries (see :mod:`phpn_core.storage.feature_store` for the arrays).
 No I/O here: the store's reading and writing live in :mod:`~phpn_core.storage.feature_store`.
 """
@@ -31,7 +31,7 @@ write, for fast local disks). Extraction encodes in background threads, so on fe
 forward pass; reading decodes."""
 
 
-def _compressors(compression: Any) -> tuple:
+def compressors_for(compression: Any) -> tuple:
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if compression == "zstd":
@@ -44,8 +44,8 @@ def _compressors(compression: Any) -> tuple:
 
 
 FORMAT_VERSION = 1
-_ATTR_KEY = "phpn"
-_KIND = "feature_store"
+ATTR_KEY = "phpn"
+STORE_KIND = "feature_store"
 # Identity of the features: two stores with equal values here hold the same numbers (up to nondeterminism).
 IDENTITY_FIELDS = (
     "model",
@@ -61,7 +61,7 @@ IDENTITY_FIELDS = (
 _STRUCTURE_FIELDS = ("n_images", "n_classes", "feature_shape", "class_names", "part_names")
 _CHUNK_BYTES_MIN = 1 << 20
 _CHUNK_BYTES_MAX = 4 << 20
-_INDEX_CHUNK_ROWS = 1 << 18  # 1-D index arrays: few, large chunks (they are read whole)
+INDEX_CHUNK_ROWS = 1 << 18  # 1-D index arrays: few, large chunks (they are read whole)
 
 
 def _phpn_version() -> str:
@@ -174,7 +174,7 @@ def default_images_per_chunk(counts: Sequence[int] | np.ndarray, image_bytes: in
     return int(ipc[best[-1]])
 
 
-class _Layout:
+class StoreLayout:
     """Where each image lives. ``class_offsets [C+1]`` block starts (chunk-aligned), ``class_counts [C]``,
     ``dataset_index [R]`` (-1 on padding), ``ipc`` images per chunk."""
 
@@ -187,7 +187,7 @@ class _Layout:
         self.n_chunks = self.n_rows // self.ipc
 
     @classmethod
-    def build(cls, labels: np.ndarray, n_classes: int, ipc: int) -> _Layout:
+    def build(cls, labels: np.ndarray, n_classes: int, ipc: int) -> StoreLayout:
         counts = np.bincount(labels, minlength=n_classes).astype(np.int64)
         chunks_per_class = -(-counts // ipc)
         offsets = np.concatenate([[0], np.cumsum(chunks_per_class) * ipc]).astype(np.int64)

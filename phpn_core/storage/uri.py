@@ -23,6 +23,7 @@ from typing import Any, Literal
 from phpn_core.errors import InputValueError
 
 __all__ = [
+    "secrets_of",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_READ_TIMEOUT",
@@ -338,6 +339,13 @@ _KV_RE = re.compile(
 _QUOTED_KV_RE = re.compile(r"(?P<k>(?P<q1>['\"])(?:key|token)(?P=q1)\s*:\s*)(?P<q>['\"])(?P<v>[^'\"]*)(?P=q)")
 # AWS access key ids have a recognisable shape.
 _AKID_RE = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{16}(?![A-Z0-9])")
+
+
+def secrets_of(opts: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The credential values in s3fs storage options (``key``, ``secret``, ``token``), for :func:`redact`."""
+    if not opts:
+        return ()
+    return tuple(str(opts[k]) for k in ("key", "secret", "token") if opts.get(k))
 
 
 def redact(value: Any, *, secrets: tuple[str, ...] | list[str] = ()) -> Any:
