@@ -241,7 +241,7 @@ class ExplorerData:
             if not refresh and self._listing is not None and now - self._listing[0] < self.listing_ttl_s:
                 return self._listing[1]
             ids = self._entry_ids()
-            if self.registry._loc.is_remote and len(ids) > 1:  # one GET per pointer: overlap them on S3
+            if self.registry.is_remote and len(ids) > 1:  # one GET per pointer: overlap them on S3
                 from concurrent.futures import ThreadPoolExecutor
 
                 with ThreadPoolExecutor(min(16, len(ids))) as pool:
@@ -252,7 +252,7 @@ class ExplorerData:
             return rows
 
     def _entry_ids(self) -> list[str]:
-        return self.registry._entry_ids()  # the listing alone: one unreadable pointer must not hide the others
+        return self.registry.entry_ids()  # the listing alone: one unreadable pointer must not hide the others
 
     def _row(self, entry_id: str) -> EntryRow:
         try:

@@ -28,8 +28,8 @@ __all__ = [
 ]
 
 ENTRY_FORMAT = "phpn.registry.entry/1"
-_CLASS_FORMAT = "phpn.registry.class/1"
-_ARRAYS_FORMAT = "phpn.registry.arrays/1"
+CLASS_FORMAT = "phpn.registry.class/1"
+ARRAYS_FORMAT = "phpn.registry.arrays/1"
 HEAD_OBJECT = "head.safetensors"
 ARRAYS_OBJECT = "arrays.safetensors"
 METRICS_OBJECT = "metrics.json"  # optional: the run's evaluation of this version (record_metrics)
@@ -47,21 +47,21 @@ REQUIRED_TENSORS: dict[str, int] = {
 # What arrays.safetensors holds besides the diagnostics.
 ARRAY_NAMES = ("initial", "alpha", "residual", "rel_error", "head_error")
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
-_SLUG_ID_RE = re.compile(r"^(?P<model>.+?)--(?P<dataset>.+?)--k(?P<k>[0-9]+)--(?P<digest>[a-z0-9]{12})$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
+SLUG_ID_RE = re.compile(r"^(?P<model>.+?)--(?P<dataset>.+?)--k(?P<k>[0-9]+)--(?P<digest>[a-z0-9]{12})$")
 _DIGEST_RE = re.compile(r"^(?:[A-Za-z0-9_\-]+:)?(?P<hex>[A-Za-z0-9]{12,})$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,99}$")
-_CLASS_FILE_RE = re.compile(r"^class-(?P<c>[0-9]+)\.safetensors$")
-_VERSION_RE = re.compile(r"^[0-9a-f]{32}$")
+CLASS_FILE_RE = re.compile(r"^class-(?P<c>[0-9]+)\.safetensors$")
+VERSION_RE = re.compile(r"^[0-9a-f]{32}$")
 _SLUG_MAX = 48
-_MAX_REQUESTS = 16  # concurrent object requests of one call on S3 (staging and gathering many classes)
+MAX_REQUESTS = 16  # concurrent object requests of one call on S3 (staging and gathering many classes)
 
 
 class RegistryError(StoreError):
     """The prototype registry could not be read or written, or holds something other than what was asked for."""
 
 
-def _phpn_version() -> str:
+def phpn_version() -> str:
     try:
         from importlib.metadata import version
 
@@ -95,8 +95,8 @@ class EntryInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     format: Literal["phpn.registry.entry/1"] = ENTRY_FORMAT
-    entry_id: str = Field(pattern=_ID_RE.pattern)
-    version: str = Field(pattern=_VERSION_RE.pattern)
+    entry_id: str = Field(pattern=ID_RE.pattern)
+    version: str = Field(pattern=VERSION_RE.pattern)
     created: str
     model: str = Field(min_length=1)
     dataset: str = Field(min_length=1)
@@ -125,13 +125,13 @@ def decomposition_tensors(decomposition: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def _serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     from safetensors.torch import save as st_save
 
     return st_save({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, metadata=dict(metadata))
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
+def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors blob (its JSON header), without reading the tensors."""
     if len(data) < 8:
         raise ValueError(f"{len(data)} bytes is too short for a safetensors header")
@@ -143,7 +143,7 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
-def _stack(
+def stack(
     per_class: list[dict[str, torch.Tensor]], idx: list[int], entry_id: str, uri: str
 ) -> dict[str, torch.Tensor]:
     if not per_class:
@@ -155,22 +155,22 @@ def _stack(
         other = per_class[idx.index(odd[0])]
         raise RegistryError(
             f"Staged classes of entry {entry_id!r} in the registry at {uri} disagree: expected every class like "
-            f"class {idx[0]} ({_fmt_sig(sig)}), got classes {_fmt_classes(odd)} different (e.g. class {odd[0]}: "
-            f"{_fmt_sig({n: (tuple(t.shape), t.dtype) for n, t in other.items()})}). They come from different runs. "
+            f"class {idx[0]} ({fmt_sig(sig)}), got classes {fmt_classes(odd)} different (e.g. class {odd[0]}: "
+            f"{fmt_sig({n: (tuple(t.shape), t.dtype) for n, t in other.items()})}). They come from different runs. "
             "Fix: drop_staged the odd classes (or clear_staged) and recompute them with one configuration."
         )
     return {n: torch.stack([d[n] for d in per_class]) for n in ref}
 
 
-def _fmt_sig(sig: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> str:
+def fmt_sig(sig: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> str:
     return ", ".join(f"{n} {list(s)} {str(dt).removeprefix('torch.')}" for n, (s, dt) in sorted(sig.items()))
 
 
-def _class_file(c: int) -> str:
+def class_file(c: int) -> str:
     return f"class-{c:05d}.safetensors"
 
 
-def _check_id(entry_id: Any) -> str:
+def check_id(entry_id: Any) -> str:
     """Refuse (InputValueError, before any I/O) anything but one plain name: no '/', '..', absolute paths."""
     if not isinstance(entry_id, str):
         raise InputValueError(
@@ -178,7 +178,7 @@ def _check_id(entry_id: Any) -> str:
             "Fix: use PrototypeRegistry.entry_id(model, dataset, k, config_digest)."
         )
     safe_join("/registry", entry_id)  # the shared refusal of '..', '/x', '~', URIs, control characters, ''
-    if not _ID_RE.match(entry_id):
+    if not ID_RE.match(entry_id):
         raise InputValueError(
             f"Entry id {redact(entry_id)!r} is not a plain name: expected 1-200 characters of letters, digits, '.', "
             "'_' and '-' starting with a letter or digit (no '/' or path components). "
@@ -187,7 +187,7 @@ def _check_id(entry_id: Any) -> str:
     return entry_id
 
 
-def _slug(value: Any, name: str) -> str:
+def slug(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise InputValueError(f"{name} must be a str, got {type(value).__name__}. Fix: pass its name, e.g. 'resnet34'.")
     s = re.sub(r"[^a-z0-9._]+", "-", value.lower())
@@ -200,7 +200,7 @@ def _slug(value: Any, name: str) -> str:
     return s
 
 
-def _digest12(config_digest: Any) -> str:
+def digest12(config_digest: Any) -> str:
     m = _DIGEST_RE.match(config_digest) if isinstance(config_digest, str) else None
     if m is None:
         got = redact(config_digest) if isinstance(config_digest, str) else type(config_digest).__name__
@@ -211,19 +211,19 @@ def _digest12(config_digest: Any) -> str:
     return m.group("hex")[:12].lower()
 
 
-def _check_k(k: Any) -> int:
+def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputValueError(f"k must be an int >= 1 (prototypes per class), got {k!r}. Fix: pass e.g. k=10.")
     return int(k)
 
 
-def _check_positive_int(name: str, value: Any) -> int:
+def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:
         raise InputValueError(f"{name} must be an int >= 1, got {value!r}. Fix: pass the head's number of classes.")
     return int(value)
 
 
-def _check_classes(classes: Any, name: str) -> list[int]:
+def check_classes(classes: Any, name: str) -> list[int]:
     if isinstance(classes, torch.Tensor):
         classes = classes.tolist()
     if isinstance(classes, (str, bytes, Mapping)) or not hasattr(classes, "__iter__"):
@@ -242,12 +242,12 @@ def _check_classes(classes: Any, name: str) -> list[int]:
     if len(set(out)) != len(out):
         dup = sorted({c for c in out if out.count(c) > 1})
         raise InputValueError(
-            f"{name} must be distinct: got {_fmt_classes(dup)} more than once. Fix: list each class once."
+            f"{name} must be distinct: got {fmt_classes(dup)} more than once. Fix: list each class once."
         )
     return out
 
 
-def _check_tensors(tensors: Any, n: int) -> tuple[int, int, dict[str, torch.Tensor]]:
+def check_tensors(tensors: Any, n: int) -> tuple[int, int, dict[str, torch.Tensor]]:
     """Validate write_classes' tensors for ``n`` classes; returns ``(k, D, {name: cpu tensor})``."""
     if not isinstance(tensors, Mapping):
         raise InputValueError(
@@ -308,7 +308,7 @@ def _check_tensors(tensors: Any, n: int) -> tuple[int, int, dict[str, torch.Tens
     return int(k), int(D), out
 
 
-def _check_bias(bias: Any, C: int) -> torch.Tensor:
+def check_bias(bias: Any, C: int) -> torch.Tensor:
     if bias is None:
         return torch.zeros(C)
     if not isinstance(bias, torch.Tensor):
@@ -329,7 +329,7 @@ def _check_bias(bias: Any, C: int) -> torch.Tensor:
     return bias.detach().to("cpu")
 
 
-def _check_json(value: Any, where: str) -> None:
+def check_json(value: Any, where: str) -> None:
     """Refuse anything that does not survive a JSON round trip (naming where it is, never its value)."""
     if value is None or isinstance(value, (str, bool, int)):
         return
@@ -346,11 +346,11 @@ def _check_json(value: Any, where: str) -> None:
                     f"{where} has a key of type {type(k).__name__}: JSON objects need str keys. "
                     "Fix: convert the keys to strings."
                 )
-            _check_json(v, f"{where}[{k!r}]")
+            check_json(v, f"{where}[{k!r}]")
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _check_json(v, f"{where}[{i}]")
+            check_json(v, f"{where}[{i}]")
         return
     raise InputValueError(
         f"{where} is not JSON-serialisable: expected str, int, float, bool, None, list or dict with str keys, got "
@@ -358,7 +358,7 @@ def _check_json(value: Any, where: str) -> None:
     )
 
 
-def _fmt_classes(classes: Sequence[int]) -> str:
+def fmt_classes(classes: Sequence[int]) -> str:
     """``[0, 1, 2, 5, 7, 8]`` -> ``'0-2, 5, 7-8'`` (at most 20 runs, then '...')."""
     xs = sorted(set(int(c) for c in classes))
     runs: list[str] = []
@@ -372,12 +372,12 @@ def _fmt_classes(classes: Sequence[int]) -> str:
     return ", ".join(runs[:20]) + (f", ... ({len(runs) - 20} more runs)" if len(runs) > 20 else "")
 
 
-def _brief(e: BaseException) -> str:
+def brief(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}"
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-def _mtime(info: Mapping[str, Any]) -> float:
+def mtime(info: Mapping[str, Any]) -> float:
     for key in ("mtime", "LastModified", "last_modified", "created"):
         v = info.get(key)
         if isinstance(v, datetime):
@@ -385,9 +385,3 @@ def _mtime(info: Mapping[str, Any]) -> float:
         if isinstance(v, (int, float)):
             return float(v)
     return 0.0  # unknown: treated as old
-
-
-def _secrets_of(opts: Mapping[str, Any] | None) -> tuple[str, ...]:
-    if not opts:
-        return ()
-    return tuple(str(opts[k]) for k in ("key", "secret", "token") if opts.get(k))
