@@ -532,7 +532,7 @@ class ExplorerData:
         else:
             ds = self.dataset(entry_id, "train")
             if ds is not None:
-                from phpn_core.report.html import gallery_patches
+                from phpn_core.report.gallery import gallery_patches
 
                 try:
                     gp = gallery_patches(head, c, train_store=store, train_dataset=ds, size=self.gallery_size)

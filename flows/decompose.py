@@ -32,7 +32,7 @@ CLASS_EXTREMES = 10  # the per-class Prefect table of `phpn run`: this many wors
 def write_linear_head(model_rec: dict, uri: str) -> dict:
     """Write the classifier's linear head (weight [C, D], bias [C]) by URI, for the shard tasks."""
     from phpn_core.storage.tensorio import write_tensors
-    from tasks.prepare import load_classifier
+    from tasks.inputs import load_classifier
 
     _, _, weight, bias = load_classifier(model_rec)
     write_tensors(uri, {"weight": weight, "bias": bias})
@@ -117,16 +117,20 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     features_root = cfg.storage.features_uri or str(out / "features")
     registry_uri = cfg.storage.registry_uri or str(out / "registry")
 
-    checked = check_inputs(cfg, out_dir)  # in the driver, before any compute: bad checkpoints, images, too-small classes refused here
-    model_rec = prepare_model(cfg, out_dir)
-    train = extract_store(cfg, model_rec, "train", f"{features_root}/train.zarr")
-    test = extract_store(cfg, model_rec, "test", f"{features_root}/test.zarr")
+    from phpn_core.data.factory import RunDatasets
+
+    datasets = RunDatasets(cfg.dataset)  # each split built once in the driver, read by every step below
+    # In the driver, before any compute: bad checkpoints, images, too-small classes are refused here.
+    checked = check_inputs(cfg, out_dir, datasets)
+    model_rec = prepare_model(cfg, out_dir, datasets)
+    train = extract_store(cfg, model_rec, "train", f"{features_root}/train.zarr", datasets)
+    test = extract_store(cfg, model_rec, "test", f"{features_root}/test.zarr", datasets)
     entry_id = _entry_id(cfg, model_rec)
     linear_uri = f"{registry_uri}/inputs/{entry_id}/linear.safetensors"
     linear = write_linear_head(model_rec, linear_uri)
     C = linear["n_classes"]
     rows = checked["decomposed_classes"]  # decompose.classes, or every head row with training images
-    class_names = run_class_names(cfg, model_rec)
+    class_names = run_class_names(cfg, model_rec, datasets)
 
     label = f"{cfg.model.arch}-{cfg.dataset.kind}"
     dec = cfg.decompose
@@ -148,7 +152,7 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
                                     linear_uri=linear_uri, entry_id=entry_id, classes=rows)
     if cfg.evaluate.enabled:
         metrics.update(evaluate_protoeval(cfg=cfg, model_rec=model_rec, registry_uri=registry_uri,
-                                          entry_id=entry_id, out_dir=out_dir))
+                                          entry_id=entry_id, out_dir=out_dir, datasets=datasets))
     else:
         metrics.update({"consistency": None, "stability": None})
     metrics.update({"n_classes": C, "k": dec.k, "entry_id": entry_id, "registry": registry_uri,
@@ -160,7 +164,7 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     if cfg.evaluate.report:
         metrics["report"] = build_report_task(cfg=cfg, model_rec=model_rec, registry_uri=registry_uri,
                                               entry_id=entry_id, train_features_uri=f"{features_root}/train.zarr",
-                                              metrics=metrics, out_dir=out_dir)["report"]
+                                              metrics=metrics, out_dir=out_dir, datasets=datasets)["report"]
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))  # first: nothing is lost
     record_entry_metrics(registry_uri=registry_uri, entry_id=entry_id, version=published["version"], metrics=metrics)
@@ -352,7 +356,7 @@ def _store_artifacts(cfg: RunConfig, metrics: dict, entry_id: str, registry_uri:
 # -- distributed extraction (compute.extract_tasks) ----------------------------------------------------------------
 
 
-def extract_store(cfg: RunConfig, model_rec: dict, split: str, uri: str) -> dict:
+def extract_store(cfg: RunConfig, model_rec: dict, split: str, uri: str, datasets=None) -> dict:
     """Extract the ``split`` features into the store at ``uri``: in the driver (``compute.extract_tasks`` None), or
     as up to ``extract_tasks`` Ray tasks over disjoint chunk ranges of the missing chunks (``num_gpus`` where the
     cluster has GPUs; a killed task is re-run by Ray and redoes only its unfinished chunks). Either way the same
@@ -363,8 +367,8 @@ def extract_store(cfg: RunConfig, model_rec: dict, split: str, uri: str) -> dict
 
     n_tasks = cfg.compute.extract_tasks
     if n_tasks is None:
-        return extract_split(cfg, model_rec, split, uri)
-    created = create_feature_store(cfg, model_rec, split, uri)
+        return extract_split(cfg, model_rec, split, uri, datasets)
+    created = create_feature_store(cfg, model_rec, split, uri, datasets)
     resources = {"num_cpus": cfg.compute.cpus_per_task, "max_retries": 3}
     if cfg.compute.gpus_per_task > 0 and _cluster_has_gpus():
         resources["num_gpus"] = cfg.compute.gpus_per_task

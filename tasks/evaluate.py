@@ -12,6 +12,7 @@ from prefect import task
 from phpn_core.config import RunConfig
 
 from .common import pick_device
+from .inputs import load_classifier
 
 
 def _test_features(store):
@@ -57,18 +58,19 @@ def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: st
 
 
 @task(cache_policy=NO_CACHE, name="evaluate-protoeval", task_run_name="evaluate-protoeval-{entry_id}")
-def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, out_dir: str) -> dict:
+def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, out_dir: str,
+                       datasets=None) -> dict:
     """ProtoEval consistency and stability of the prototypes (and of the baselines), on the test split."""
-    from phpn_core.data.factory import build_dataset
+    from phpn_core.data.factory import RunDatasets
     from phpn_core.evaluation.suite import evaluate_all
     from phpn_core.storage.registry import PrototypeRegistry
 
-    from .prepare import load_classifier
 
-    ds = build_dataset(cfg.dataset, "test")
+    datasets = RunDatasets.of(cfg.dataset, datasets)
+    ds = datasets.test
     if not getattr(ds, "part_names", None):
         return {"consistency": None, "stability": None, "note": f"{cfg.dataset.kind} has no part keypoints"}
-    train = build_dataset(cfg.dataset, "train") if cfg.evaluate.baselines else None
+    train = datasets.train if cfg.evaluate.baselines else None
     registry = PrototypeRegistry(registry_uri)
     head, _ = registry.load(entry_id)
     arrays = registry.load_arrays(entry_id)
@@ -84,28 +86,28 @@ def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, en
 
 @task(cache_policy=NO_CACHE, name="build-report", task_run_name="report-{entry_id}")
 def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, train_features_uri: str,
-                      metrics: dict, out_dir: str) -> dict:
+                      metrics: dict, out_dir: str, datasets=None) -> dict:
     """The HTML report (heatmaps, galleries, contributions, metric table) and its PNGs under ``out_dir``."""
-    from phpn_core.data.factory import build_dataset
-    from phpn_core.storage.registry import PrototypeRegistry
+    from phpn_core.data.factory import RunDatasets
     from phpn_core.report.html import build_report
+    from phpn_core.storage.registry import PrototypeRegistry
     from phpn_core.report.class_pages import build_class_pages
     from phpn_core.storage.feature_store import FeatureStore
 
-    from .prepare import load_classifier
 
     t = time.perf_counter()
     registry = PrototypeRegistry(registry_uri)
     head, info = registry.load(entry_id)
     _, features, _, _ = load_classifier(model_rec)
-    test = build_dataset(cfg.dataset, "test")
+    datasets = RunDatasets.of(cfg.dataset, datasets)
+    test = datasets.test
     # The decomposed rows that have test images (a 1000-class head explained on 5 classes shows those 5), by name.
     rows = info.metadata.get("decomposed_classes") or list(range(info.n_classes))
     present = {int(v) for v in test.labels}
     shown = [c for c in rows if c in present][:10] or None
     names = info.metadata.get("class_names")
     names = names if isinstance(names, list) and len(names) == info.n_classes else None
-    train, train_store, device = build_dataset(cfg.dataset, "train"), FeatureStore.open(train_features_uri), \
+    train, train_store, device = datasets.train, FeatureStore.open(train_features_uri), \
         pick_device(cfg.compute.device)
     path = build_report(
         out_dir=out_dir, head=head, features=features, test_dataset=test, train_dataset=train,

@@ -21,16 +21,16 @@ from prefect import task
 from phpn_core.config import RunConfig
 
 from .common import fault_point, pick_device, retry_on_io, worker_identity
+from .inputs import all_unreadable, load_classifier
 
 
-def _extract(cfg: RunConfig, model_rec: dict, split: str, uri: str, chunks, *, on_chunk=None, progress=False):
-    from phpn_core.data.factory import build_dataset
+def _extract(cfg: RunConfig, model_rec: dict, split: str, uri: str, chunks, *, on_chunk=None, progress=False,
+             datasets=None):
+    from phpn_core.data.factory import RunDatasets
     from phpn_core.extract import extract_features
 
-    from .prepare import load_classifier
-
     _, features, _, _ = load_classifier(model_rec)
-    ds = build_dataset(cfg.dataset, split)
+    ds = RunDatasets.of(cfg.dataset, datasets).split(split)  # a Ray worker builds its own
     res = extract_features(
         features, ds, uri, model=model_rec["arch"], checkpoint_digest=model_rec["digest"], split=split,
         input_size=cfg.dataset.image_size, dataset_name=cfg.dataset.kind, dtype=cfg.compute.feature_dtype,
@@ -42,10 +42,10 @@ def _extract(cfg: RunConfig, model_rec: dict, split: str, uri: str, chunks, *, o
 
 @task(cache_policy=NO_CACHE, name="extract-create", task_run_name="extract-{split}-create", retries=2,
       retry_delay_seconds=2, retry_condition_fn=retry_on_io)
-def create_feature_store(cfg: RunConfig, model_rec: dict, split: str, uri: str) -> dict:
+def create_feature_store(cfg: RunConfig, model_rec: dict, split: str, uri: str, datasets=None) -> dict:
     """Create (or reopen and validate) the ``split`` store at ``uri``; compute nothing. Returns ``uri``,
     ``n_chunks`` and the ``missing`` chunk indices (ascending)."""
-    res, _ = _extract(cfg, model_rec, split, uri, [])
+    res, _ = _extract(cfg, model_rec, split, uri, [], datasets=datasets)
     return {"uri": uri, "n_chunks": res.store.n_chunks, "missing": res.store.missing_chunks()}
 
 
@@ -75,7 +75,7 @@ def extract_chunk_range(cfg: RunConfig, model_rec: dict, split: str, uri: str, c
     try:
         res, _ = _extract(cfg, model_rec, split, uri, chunks, on_chunk=on_chunk)
     except ImageLoadError as e:
-        err = _all_unreadable(cfg, split, uri, chunks, e)
+        err = all_unreadable(cfg, split, uri, chunks, e)
         raise _portable(err) if isinstance(err, ImageLoadError) else err from None
     return {"chunks": list(chunks), "chunks_written": list(res.chunks_written), "images": res.images_computed,
             "feature_min": res.feature_min, "feature_max": res.feature_max,
@@ -93,36 +93,6 @@ def _portable(err):
     keyword-only ``path`` defeats the default exception pickling)."""
     err.__reduce__ = lambda: (_rebuild_image_error, (str(err), err.path))  # type: ignore[method-assign]
     return err
-
-
-def _all_unreadable(cfg: RunConfig, split: str, uri: str, chunks: list[int], first: Exception) -> Exception:
-    """The first unreadable image stopped the task: probe the other images of its chunks (only now, on failure)
-    and name them all."""
-    from phpn_core.data.factory import build_dataset
-    from phpn_core.data.images import ImageLoadError, find_unreadable
-    from phpn_core.storage.feature_store import FeatureStore
-
-    from .prepare import _image_paths
-
-    try:
-        paths = _image_paths(build_dataset(cfg.dataset, split))
-        store = FeatureStore.open(uri)
-        idx = [int(i) for k in chunks for i in store.chunk_indices(k)]
-    except Exception:  # noqa: BLE001 - the first error is the one to report then
-        return first
-    if paths is None:
-        return first
-    mine = [paths[i] for i in idx]
-    bad = find_unreadable(mine)
-    if not bad:
-        return first
-    shown = "; ".join(bad[i] for i in sorted(bad)[:5])  # each reason names its file
-    return ImageLoadError(
-        f"{len(bad)} of the {len(mine)} {split} images in chunks {chunks[0]}-{chunks[-1]} of the feature store cannot "
-        f"be used: {shown}{' ...' if len(bad) > 5 else ''}. Their features were not written. Expected complete, "
-        "readable images. Fix: replace or remove those files, or set dataset.on_error: skip to leave them out.",
-        path=str(mine[min(bad)]),
-    )
 
 
 @task(cache_policy=NO_CACHE, name="extract-finish", task_run_name="extract-{split}-finish")

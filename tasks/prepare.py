@@ -12,15 +12,17 @@ from prefect import task
 from phpn_core.config import RunConfig
 
 from .common import pick_device, retry_on_io
+from .inputs import all_unreadable, image_paths, load_classifier
 
 
 @task(cache_policy=NO_CACHE, name="prepare-model", task_run_name="prepare-model-{cfg.model.arch}")
-def prepare_model(cfg: RunConfig, out_dir: str) -> dict:
+def prepare_model(cfg: RunConfig, out_dir: str, datasets=None) -> dict:
     """The classifier's spec and checkpoint digest; trains the synthparts CNN when no checkpoint is given
     (once: a finished checkpoint under ``out_dir`` is reused)."""
-    from phpn_core.data.factory import build_dataset
+    from phpn_core.data.factory import RunDatasets
     from phpn_core.models.spec import checkpoint_digest
 
+    datasets = RunDatasets.of(cfg.dataset, datasets)
     n_classes = cfg.model.num_classes
     ckpt = cfg.model.checkpoint
     trained = False
@@ -33,7 +35,7 @@ def prepare_model(cfg: RunConfig, out_dir: str) -> dict:
                   "dataset": cfg.dataset.model_dump(mode="json")}
         sidecar = path.with_suffix(".json")
         if not (path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == recipe):
-            train = build_dataset(cfg.dataset, "train")
+            train = datasets.train
             model = train_synthparts_cnn(train, epochs=cfg.model.train_epochs, stride=cfg.model.feature_stride,
                                          seed=cfg.dataset.seed, device=pick_device(cfg.compute.device),
                                          progress=True)
@@ -51,32 +53,22 @@ def prepare_model(cfg: RunConfig, out_dir: str) -> dict:
         return {"arch": cfg.model.arch, "checkpoint": None, "weights": weights, "num_classes": spec.num_classes,
                 "input_size": cfg.dataset.image_size, "digest": spec_digest(spec), "trained": False}
     if n_classes is None:
-        n_classes = len(build_dataset(cfg.dataset, "test").classes)
+        n_classes = len(datasets.test.classes)
     return {"arch": cfg.model.arch, "checkpoint": ckpt, "num_classes": n_classes,
             "input_size": cfg.dataset.image_size, "digest": checkpoint_digest(ckpt), "trained": trained}
 
 
-def load_classifier(model_rec: dict):
-    from phpn_core.models.split import split_classifier
-    from phpn_core.models.spec import ModelSpec, build_model
-
-    spec = ModelSpec(arch=model_rec["arch"], checkpoint=model_rec["checkpoint"], weights=model_rec.get("weights"),
-                     num_classes=model_rec["num_classes"], input_size=model_rec["input_size"])
-    model = build_model(spec).eval()
-    return model, *split_classifier(model)
-
-
 @task(cache_policy=NO_CACHE, name="extract-features", task_run_name="extract-{split}", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io)
-def extract_split(cfg: RunConfig, model_rec: dict, split: str, uri: str) -> dict:
+def extract_split(cfg: RunConfig, model_rec: dict, split: str, uri: str, datasets=None) -> dict:
     """Extract (or resume, or reuse) the ``split`` features of the configured dataset into the store at ``uri``."""
-    from phpn_core.data.factory import build_dataset
+    from phpn_core.data.factory import RunDatasets
+    from phpn_core.data.images import ImageLoadError
     from phpn_core.extract import extract_features
 
-    from phpn_core.data.images import ImageLoadError
-
+    datasets = RunDatasets.of(cfg.dataset, datasets)
     _, features, _, _ = load_classifier(model_rec)
-    ds = build_dataset(cfg.dataset, split)
+    ds = datasets.split(split)
     try:
         res = extract_features(
             features, ds, uri, model=model_rec["arch"], checkpoint_digest=model_rec["digest"], split=split,
@@ -87,13 +79,12 @@ def extract_split(cfg: RunConfig, model_rec: dict, split: str, uri: str) -> dict
     except ImageLoadError as e:  # beyond the pre-flight's sample: name every unreadable image of the split
         from phpn_core.storage.feature_store import FeatureStore
 
-        from .extract import _all_unreadable
-
-        raise _all_unreadable(cfg, split, uri, list(range(FeatureStore.open(uri).n_chunks)), e) from None
+        raise all_unreadable(cfg, split, uri, list(range(FeatureStore.open(uri).n_chunks)), e,
+                             datasets=datasets) from None
     return res.record()
 
 
-def check_inputs(cfg: RunConfig, out_dir: str | None = None) -> dict:
+def check_inputs(cfg: RunConfig, out_dir: str | None = None, datasets=None) -> dict:
     """Everything about the inputs that can be checked before any compute (no training, extraction or
     decomposition); raises a :class:`~phpn_core.errors.PhpnError` that names the file / class / tensor at fault:
 
@@ -111,7 +102,7 @@ def check_inputs(cfg: RunConfig, out_dir: str | None = None) -> dict:
     the driver before its first task."""
     import torch
 
-    from phpn_core.data.factory import build_dataset
+    from phpn_core.data.factory import RunDatasets
     from phpn_core.data.images import ImageLoadError, find_unreadable
     from phpn_core.errors import InputValueError
     from phpn_core.models.spec import CheckpointError, ModelSpec, build_model
@@ -122,11 +113,12 @@ def check_inputs(cfg: RunConfig, out_dir: str | None = None) -> dict:
     for root in roots:
         if root:
             refuse_escaping_links(root)
-    train = build_dataset(cfg.dataset, "train")
-    paths = _image_paths(train)
+    datasets = RunDatasets.of(cfg.dataset, datasets)
+    train = datasets.train
+    paths = image_paths(train)
     if paths is not None and cfg.dataset.on_error == "raise":
-        test = build_dataset(cfg.dataset, "test")
-        test_paths = _image_paths(test) or []
+        test = datasets.test
+        test_paths = image_paths(test) or []
         # Up to PREFLIGHT_FULL images: all probed here. Beyond: an evenly spaced sample here (a bad batch of files
         # fails in seconds), the rest where extraction reads them anyway (an unreadable image fails its extraction
         # task, which names every unreadable image of its chunks; its features are never written).
@@ -234,12 +226,12 @@ def model_class_names(cfg: RunConfig, model_rec: dict) -> list[str] | None:
     return None if names is None else [str(n) for n in names]
 
 
-def run_class_names(cfg: RunConfig, model_rec: dict) -> list[str]:
+def run_class_names(cfg: RunConfig, model_rec: dict, datasets=None) -> list[str]:
     """The names of the run's C head rows: the model's categories (weights by name), else the dataset's
     (ImageFolder folders through the class map, CUB, synthparts, Fashion-MNIST), ``"class <row>"`` for the rest."""
-    from phpn_core.data.factory import build_dataset, class_names_for_run
+    from phpn_core.data.factory import RunDatasets, class_names_for_run
 
-    return class_names_for_run(build_dataset(cfg.dataset, "train"), model_rec["num_classes"],
+    return class_names_for_run(RunDatasets.of(cfg.dataset, datasets).train, model_rec["num_classes"],
                                model_class_names(cfg, model_rec))
 
 
@@ -253,19 +245,6 @@ def preflight_sample(paths: list, limit: int = PREFLIGHT_FULL) -> list:
     if n <= limit:
         return list(paths)
     return [paths[(i * (n - 1)) // (limit - 1)] for i in range(limit)]
-
-
-def _image_paths(ds) -> list[Path] | None:
-    """The image files of a file-backed dataset (CUB, ImageFolder), None for generated/array datasets."""
-    base = getattr(ds, "base", None)
-    if base is not None and hasattr(ds, "indices"):  # a per-class sample (dataset.max_per_class): its files only
-        paths = _image_paths(base)
-        return None if paths is None else [paths[i] for i in ds.indices]
-    if hasattr(ds, "_path") and hasattr(ds, "cub_ids"):
-        return [Path(ds._path(i)) for i in range(len(ds))]
-    if hasattr(ds, "image_ids") and isinstance(getattr(ds, "root", None), Path) and hasattr(ds, "extensions"):
-        return [ds.root / rid for rid in ds.image_ids]
-    return None
 
 
 def refuse_escaping_links(uri: str) -> None:

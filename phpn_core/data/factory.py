@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from ..config import DatasetConfig
 from ..errors import ConfigError, InputValueError
 
-__all__ = ["PerClassSample", "build_dataset", "class_names_for_run", "sample_per_class"]
+__all__ = ["PerClassSample", "RunDatasets", "build_dataset", "class_names_for_run", "sample_per_class"]
 
 
 def build_dataset(cfg: DatasetConfig, split: str):
@@ -26,6 +26,48 @@ def build_dataset(cfg: DatasetConfig, split: str):
     if split == "train" and cfg.max_per_class is not None:
         ds = PerClassSample(ds, max_per_class=cfg.max_per_class, seed=cfg.seed)
     return ds
+
+
+class RunDatasets:
+    """One run's datasets: each split is built by :func:`build_dataset` on first use and then shared, so that the
+    pre-flight, the model preparation, the class names, the extraction, the evaluation and the report of one run
+    read the same objects (building a file-backed dataset lists and validates every file: once per run is enough).
+
+    ``builds`` counts the splits built so far (``{"train": 1, "test": 1}`` after a whole run).
+    """
+
+    def __init__(self, cfg: DatasetConfig) -> None:
+        if not isinstance(cfg, DatasetConfig):
+            raise ConfigError(f"RunDatasets needs the run's DatasetConfig; got {type(cfg).__name__}. "
+                              "Fix: pass cfg.dataset.")
+        self.cfg = cfg
+        self._built: dict[str, Any] = {}
+        self.builds: dict[str, int] = {}
+
+    def split(self, name: str):
+        """The ``name`` split ("train" or "test"), built once."""
+        if name not in self._built:
+            self._built[name] = build_dataset(self.cfg, name)
+            self.builds[name] = self.builds.get(name, 0) + 1
+        return self._built[name]
+
+    @property
+    def train(self):
+        return self.split("train")
+
+    @property
+    def test(self):
+        return self.split("test")
+
+    @classmethod
+    def of(cls, cfg: DatasetConfig, datasets: RunDatasets | None) -> RunDatasets:
+        """``datasets`` when the caller has the run's, else a fresh one for ``cfg`` (a task called on its own)."""
+        if datasets is None:
+            return cls(cfg)
+        if datasets.cfg != cfg:
+            raise ConfigError("the datasets passed belong to another dataset config than the run's: expected "
+                              "RunDatasets(cfg.dataset) of this run. Fix: build them from the same config.")
+        return datasets
 
 
 def _build(cfg: DatasetConfig, split: str):

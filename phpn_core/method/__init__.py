@@ -7,7 +7,12 @@ Imports only torch, numpy, safetensors and the standard library; nothing else of
 - :mod:`~phpn_core.method.head`: :class:`PartPrototypeHead`, logits and explanations from a feature map.
 """
 
-from phpn_core.method.decompose import ClassDecomposition, HeadDecomposition, decompose_class, decompose_head
+from phpn_core.method.decompose import (
+    ClassDecomposition,
+    HeadDecomposition,
+    decompose_class,
+    decompose_head,
+)
 from phpn_core.method.head import Explanation, PartPrototypeHead
 from phpn_core.method.nmf import NMFResult, nmf
 from phpn_core.method.semi_nmf import semi_nmf

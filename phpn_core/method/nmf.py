@@ -28,91 +28,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
+
+from phpn_core.method.factorization import (
+    NMFConvergenceWarning,
+    NMFResult,
+    check_factorization_input,
+    checked_item_seeds,
+    checked_row_counts,
+)
 
 __all__ = ["nmf", "NMFResult", "NMFConvergenceWarning"]
 
 _EPS_P = 1e-12  # P stays strictly positive so that HALS denominators never vanish
-
-
-class NMFConvergenceWarning(UserWarning):
-    """NMF stopped at ``max_iter`` before the relative change of its error fell below ``tol``."""
-
-
-@dataclass(frozen=True)
-class NMFResult:
-    """The factors of ``X ~= E @ P``.
-
-    Attributes:
-        E: ``[m, k]`` or ``[B, m, k]``, >= 0 (rows beyond ``row_counts`` are zero).
-        P: ``[k, D]`` or ``[B, k, D]``, >= 0.
-        rel_error: ``[]`` or ``[B]``: ``||X - E P||_F / ||X||_F`` (0 where X is all zeros).
-        n_iter: int (unbatched) or LongTensor ``[B]``: sweeps run per matrix (compressed + polish).
-        converged: bool tensor ``[]`` or ``[B]``.
-    """
-
-    E: torch.Tensor
-    P: torch.Tensor
-    rel_error: torch.Tensor
-    n_iter: int | torch.Tensor
-    converged: torch.Tensor
-
-
-def _check_input(X: torch.Tensor, k: int, *, who: str = "nmf", nonnegative: bool = True) -> None:
-    """The argument checks of :func:`nmf` and (``nonnegative=False``) of semi-NMF; ``who`` names the caller."""
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"{who}: X must be a torch.Tensor of shape [m, D] or [B, m, D]; got {type(X).__name__}.")
-    if X.ndim not in (2, 3):
-        raise ValueError(
-            f"{who}: X must have shape [m, D] or [B, m, D]; got {X.ndim} dimensions with shape {tuple(X.shape)}."
-        )
-    if not X.is_floating_point():
-        raise TypeError(f"{who}: X must be float32 or float64; got {X.dtype}. Convert with X.float().")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{who}: k must be an int; got {type(k).__name__}.")
-    m, D = X.shape[-2], X.shape[-1]
-    if m == 0 or D == 0:
-        raise ValueError(f"{who}: X is empty (shape {tuple(X.shape)}); expected at least one row and column.")
-    if k < 1 or k > min(m, D):
-        raise ValueError(
-            f"{who}: k must be in [1, min(m, D)] = [1, {min(m, D)}] for X of shape {tuple(X.shape)}; got k={k}. "
-            "Use fewer prototypes or more images."
-        )
-    if not bool(torch.isfinite(X).all()):
-        n_bad = int((~torch.isfinite(X)).sum())
-        raise ValueError(f"{who}: X must be finite; got {n_bad} NaN/inf entries. Check the feature extraction.")
-    if not nonnegative:
-        return
-    xmin = float(X.min())
-    if xmin < 0:
-        raise ValueError(
-            f"{who}: X must be non-negative (post-ReLU features); got a minimum of {xmin:.4g}. "
-            "Apply the backbone's documented feature shift, or use features taken after a ReLU."
-        )
-
-
-def _checked_row_counts(row_counts, B: int, m: int, k: int, device, who: str) -> torch.Tensor | None:
-    """``row_counts`` as a LongTensor ``[B]`` on ``device`` with values in ``[k, m]`` (None stays None)."""
-    if row_counts is None:
-        return None
-    rc = torch.as_tensor(row_counts, device=device).long()
-    if rc.shape != (B,) or bool((rc < k).any()) or bool((rc > m).any()):
-        raise ValueError(
-            f"{who}: row_counts must have shape [{B}] with values in [k={k}, m={m}]; got "
-            f"shape {tuple(rc.shape)}, values {rc.tolist()}."
-        )
-    return rc
-
-
-def _checked_item_seeds(item_seeds, seed: int, B: int, who: str) -> list[int]:
-    """One seed per matrix: ``item_seeds`` when given (length B), else ``seed + b``."""
-    if item_seeds is None:
-        return [int(seed) + b for b in range(B)]
-    if len(item_seeds) != B:
-        raise ValueError(f"{who}: item_seeds must have one seed per matrix ({B}); got {len(item_seeds)}.")
-    return list(item_seeds)
 
 
 def _nndsvda(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int, fill: torch.Tensor):
@@ -229,7 +158,7 @@ def nmf(
     Raises:
         TypeError, ValueError: with what was expected and what was got.
     """
-    _check_input(X, k)
+    check_factorization_input(X, k)
     if max_iter < 1 or polish_iter < 0 or not (tol >= 0) or check_every < 1:
         raise ValueError(
             f"nmf: need max_iter >= 1, polish_iter >= 0, tol >= 0, check_every >= 1; got max_iter={max_iter}, "
@@ -246,13 +175,13 @@ def nmf(
         solver = "rhals" if (m * D) >= 4 * l * (m + D) else "hals"
 
     mask = None
-    rc = _checked_row_counts(row_counts, B, m, k, dev, "nmf")
+    rc = checked_row_counts(row_counts, B, m, k, dev, "nmf")
     if rc is not None:
         mask = (torch.arange(m, device=dev).unsqueeze(0) < rc.unsqueeze(1)).to(Xb.dtype).unsqueeze(2)  # [B,m,1]
         n_valid = rc.to(Xb.dtype) * D
     else:
         n_valid = torch.full((B,), float(m * D), dtype=Xb.dtype, device=dev)
-    item_seeds = _checked_item_seeds(item_seeds, seed, B, "nmf")
+    item_seeds = checked_item_seeds(item_seeds, seed, B, "nmf")
     xnorm2 = (Xb * Xb).sum((1, 2))
     fill = Xb.sum((1, 2)) / n_valid
 

@@ -24,12 +24,12 @@ import warnings
 
 import torch
 
-from phpn_core.method.nmf import (
+from phpn_core.method.factorization import (
     NMFConvergenceWarning,
     NMFResult,
-    _check_input,
-    _checked_item_seeds,
-    _checked_row_counts,
+    check_factorization_input,
+    checked_item_seeds,
+    checked_row_counts,
 )
 
 __all__ = ["semi_nmf"]
@@ -107,7 +107,7 @@ def semi_nmf(
         :class:`~phpn_core.method.nmf.NMFResult` with ``E [.., m, k] >= 0``, ``P [.., k, D]`` (signed),
         ``rel_error`` ``||X - E P|| / ||X||``, ``n_iter``, ``converged``.
     """
-    _check_input(X, k, who="semi_nmf", nonnegative=False)
+    check_factorization_input(X, k, who="semi_nmf", nonnegative=False)
     if max_iter < 1 or not (tol >= 0) or check_every < 1 or hals_sweeps < 1:
         raise ValueError(
             f"semi_nmf: need max_iter >= 1, tol >= 0, check_every >= 1, hals_sweeps >= 1; got max_iter={max_iter}, "
@@ -117,12 +117,12 @@ def semi_nmf(
     dev = torch.device(device) if device is not None else X.device
     Xb = (X if batched else X.unsqueeze(0)).to(dev)
     B, m, D = Xb.shape
-    rc = _checked_row_counts(row_counts, B, m, k, dev, "semi_nmf")
+    rc = checked_row_counts(row_counts, B, m, k, dev, "semi_nmf")
     if rc is not None:
         mask = (torch.arange(m, device=dev).unsqueeze(0) < rc.unsqueeze(1)).to(Xb.dtype)
     else:
         mask = torch.ones(B, m, dtype=Xb.dtype, device=dev)
-    item_seeds = _checked_item_seeds(item_seeds, seed, B, "semi_nmf")
+    item_seeds = checked_item_seeds(item_seeds, seed, B, "semi_nmf")
 
     assign = _kmeans(Xb, mask, k, list(item_seeds), lloyd_iter)
     E = (torch.nn.functional.one_hot(assign, k).to(Xb.dtype) + 0.2) * mask.unsqueeze(-1)

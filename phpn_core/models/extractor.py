@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from phpn_core.errors import ShapeError, UnsupportedModelError
+from phpn_core.models.arch_names import supported_architectures
 
-_NONNEG_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
-_PASSTHROUGH = (nn.Dropout, nn.Identity, nn.Flatten)
+NONNEG_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+PASSTHROUGH = (nn.Dropout, nn.Identity, nn.Flatten)
 
 # ----------------------------------------------------------------------------------------------------------------
 # feature extractors
@@ -83,7 +84,7 @@ class FeatureExtractor(nn.Module):
         )
 
 
-class _PenultimateExtractor(FeatureExtractor):
+class PenultimateExtractor(FeatureExtractor):
     """MobileNet V3: trunk -> GAP -> head up to (not incl.) its last Linear, as a [B, D, 1, 1] map."""
 
     def __init__(self, body: nn.Module, pre_head: nn.Module, **kwargs: Any) -> None:
@@ -95,7 +96,7 @@ class _PenultimateExtractor(FeatureExtractor):
         return self.pre_head(pooled)[:, :, None, None]
 
 
-class _LayerNormedExtractor(FeatureExtractor):
+class LayerNormedExtractor(FeatureExtractor):
     """ConvNeXt: trunk map normalised per image with the LayerNorm statistics of its spatial mean.
 
     ``out_hw = (F_hw - mu(g)) / sqrt(var(g) + eps)``, g = mean_hw F [B, D]; so mean_hw(out) = LayerNorm(g) without
@@ -107,10 +108,10 @@ class _LayerNormedExtractor(FeatureExtractor):
         self.eps = float(eps)
 
     def _map(self, x: torch.Tensor) -> torch.Tensor:
-        return _layernorm_map(self.body(x), self.eps)
+        return layernorm_map(self.body(x), self.eps)
 
 
-def _layernorm_map(fmap: torch.Tensor, eps: float) -> torch.Tensor:
+def layernorm_map(fmap: torch.Tensor, eps: float) -> torch.Tensor:
     """[B, D, h, w] -> (F_hw - mu(g)) / sqrt(var(g) + eps), g = mean_hw F [B, D]; statistics over channels.
 
     So mean_hw(result) = LayerNorm(g) without its affine part: a LayerNorm of the pooled vector (ConvNeXt's
@@ -127,28 +128,28 @@ def _layernorm_map(fmap: torch.Tensor, eps: float) -> torch.Tensor:
 # helpers
 
 
-def _final_linear(head: nn.Module) -> nn.Linear | None:
+def final_linear(head: nn.Module) -> nn.Linear | None:
     """The Linear of a head that is a Linear, or a Sequential of Dropout/Identity/Flatten then one Linear."""
     if isinstance(head, nn.Linear):
         return head
     if isinstance(head, nn.Sequential) and len(head) > 0 and isinstance(head[-1], nn.Linear):
-        if all(isinstance(m, _PASSTHROUGH) for m in list(head)[:-1]):
+        if all(isinstance(m, PASSTHROUGH) for m in list(head)[:-1]):
             return head[-1]
     return None
 
 
-def _is_gap(module: nn.Module) -> bool:
+def is_gap(module: nn.Module) -> bool:
     return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
 
 
-def _ends_nonnegative(module: nn.Module) -> bool:
+def ends_nonnegative(module: nn.Module) -> bool:
     """True when ``module`` is (or is a Sequential ending, recursively, in) a non-negative activation."""
     while isinstance(module, nn.Sequential) and len(module) > 0:
         module = module[-1]
-    return isinstance(module, _NONNEG_ACTIVATIONS)
+    return isinstance(module, NONNEG_ACTIVATIONS)
 
 
-def _weight_bias(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_bias(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """Detached copies of a Linear's weight [C, D] and bias [C] (zeros when it has none)."""
     weight = linear.weight.detach().clone()
     if linear.bias is None:
@@ -158,7 +159,7 @@ def _weight_bias(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
-def _seq_desc(module: object) -> str:
+def seq_desc(module: object) -> str:
     """Class name, with the children's class names for a Sequential (e.g. an MLP head)."""
     desc = type(module).__name__
     if isinstance(module, nn.Sequential):
@@ -166,54 +167,50 @@ def _seq_desc(module: object) -> str:
     return desc
 
 
-def _describe(model: nn.Module) -> str:
+def describe(model: nn.Module) -> str:
     parts = [type(model).__name__]
     for name in ("features", "classifier", "fc", "head", "heads"):
         sub = getattr(model, name, None)
         if isinstance(sub, nn.Module):
-            parts.append(f".{name}={type(sub).__name__ if name == 'features' else _seq_desc(sub)}")
+            parts.append(f".{name}={type(sub).__name__ if name == 'features' else seq_desc(sub)}")
     return " ".join(parts)
 
 
-def _unsupported(model: nn.Module, reason: str) -> UnsupportedModelError:
-    from phpn_core.models.split import (
-        supported_architectures,  # the registry of adapters imports this module
-    )
-
+def unsupported(model: nn.Module, reason: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"split_classifier: unsupported model: {reason}. Expected a global-average-pool + linear classifier, one "
         f"of: {', '.join(supported_architectures())}; or a module with .features (conv trunk) and a .classifier/.fc "
         f"that is an nn.Linear applied to the spatial mean of features(x); or an nn.Sequential ending in "
-        f"AdaptiveAvgPool2d(1), Flatten, Linear. Got: {_describe(model)}. Fix: pass the trunk and the linear head "
+        f"AdaptiveAvgPool2d(1), Flatten, Linear. Got: {describe(model)}. Fix: pass the trunk and the linear head "
         f"explicitly, split_classifier(model, features=<trunk>, head=<nn.Linear>), or for VGG build the model with "
         f"phpn_core.models.split.vgg_gap(...)."
     )
 
 
-def _check_forward(model: nn.Module, cls: type, methods: tuple[str, ...]) -> None:
+def check_forward(model: nn.Module, cls: type, methods: tuple[str, ...]) -> None:
     """Refuse subclasses that override forward: the structural split would no longer match model(x)."""
     for name in methods:
         if getattr(type(model), name) is not getattr(cls, name):
-            raise _unsupported(
+            raise unsupported(
                 model,
                 f"{type(model).__name__} subclasses torchvision's {cls.__name__} but overrides {name}(), so its "
                 f"head may no longer be the standard one",
             )
 
 
-def _require_linear(model: nn.Module, head: nn.Module, where: str) -> nn.Linear:
-    linear = _final_linear(head)
+def require_linear(model: nn.Module, head: nn.Module, where: str) -> nn.Linear:
+    linear = final_linear(head)
     if linear is None:
-        raise _unsupported(
+        raise unsupported(
             model,
-            f"{where} is not a single nn.Linear (optionally behind Dropout/Flatten/Identity); it is {_seq_desc(head)}",
+            f"{where} is not a single nn.Linear (optionally behind Dropout/Flatten/Identity); it is {seq_desc(head)}",
         )
     return linear
 
 
-def _require_gap(model: nn.Module, pool: nn.Module, where: str) -> None:
-    if not _is_gap(pool):
-        raise _unsupported(model, f"{where} is {pool!r}, not AdaptiveAvgPool2d(1)")
+def require_gap(model: nn.Module, pool: nn.Module, where: str) -> None:
+    if not is_gap(pool):
+        raise unsupported(model, f"{where} is {pool!r}, not AdaptiveAvgPool2d(1)")
 
 
 
@@ -221,9 +218,9 @@ Split = tuple[FeatureExtractor, torch.Tensor, torch.Tensor]
 """What every adapter returns: (features, weight [C, D], bias [C])."""
 
 
-def _shifted(features: FeatureExtractor, linear: nn.Linear, shift: float) -> Split:
+def shifted(features: FeatureExtractor, linear: nn.Linear, shift: float) -> Split:
     """Weight/bias for features that carry a constant shift s: bias = b - s * W.sum(1)."""
-    weight, bias = _weight_bias(linear)
+    weight, bias = weight_bias(linear)
     if shift != 0.0:
         bias = bias - shift * weight.sum(1)
     return features, weight, bias

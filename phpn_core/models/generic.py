@@ -7,21 +7,22 @@ from __future__ import annotations
 from torch import nn
 
 from phpn_core.errors import UnsupportedModelError
+from phpn_core.models.arch_names import supported_architectures
 from phpn_core.models.extractor import (
     FeatureExtractor,
     Split,
-    _ends_nonnegative,
-    _final_linear,
-    _is_gap,
-    _require_linear,
-    _seq_desc,
-    _weight_bias,
+    ends_nonnegative,
+    final_linear,
+    is_gap,
+    require_linear,
+    seq_desc,
+    weight_bias,
 )
 
 
 def _nonneg_of(model: nn.Module | None, trunk: nn.Module) -> bool:
     flag = getattr(type(model), "features_nonnegative", None) if model is not None else None
-    return bool(flag) if isinstance(flag, bool) else _ends_nonnegative(trunk)
+    return bool(flag) if isinstance(flag, bool) else ends_nonnegative(trunk)
 
 
 def split_generic(model: nn.Module) -> Split | None:
@@ -31,12 +32,12 @@ def split_generic(model: nn.Module) -> Split | None:
         for name in ("classifier", "fc"):
             head = getattr(model, name, None)
             if isinstance(head, nn.Module):
-                linear = _require_linear(model, head, f"model.{name}")
+                linear = require_linear(model, head, f"model.{name}")
                 features = FeatureExtractor(
                     trunk, arch=type(model).__name__, out_channels=linear.in_features,
                     nonnegative=_nonneg_of(model, trunk),
                 )
-                return (features, *_weight_bias(linear))
+                return (features, *weight_bias(linear))
         return None
     if isinstance(model, nn.Sequential) and len(model) >= 3:
         mods = list(model)
@@ -46,13 +47,13 @@ def split_generic(model: nn.Module) -> Split | None:
         i = len(mods) - 2
         while i >= 0 and isinstance(mods[i], (nn.Dropout, nn.Identity, nn.Flatten)):
             i -= 1
-        if i < 1 or not _is_gap(mods[i]) or not any(isinstance(m, nn.Flatten) for m in mods[i + 1 : -1]):
+        if i < 1 or not is_gap(mods[i]) or not any(isinstance(m, nn.Flatten) for m in mods[i + 1 : -1]):
             return None
         trunk = model[:i]
         features = FeatureExtractor(
-            trunk, arch="sequential", out_channels=linear.in_features, nonnegative=_ends_nonnegative(trunk)
+            trunk, arch="sequential", out_channels=linear.in_features, nonnegative=ends_nonnegative(trunk)
         )
-        return (features, *_weight_bias(linear))
+        return (features, *weight_bias(linear))
     return None
 
 
@@ -62,25 +63,20 @@ def split_explicit(model: nn.Module | None, features: nn.Module, head: nn.Module
             f"split_classifier: features must be an nn.Module. Expected the conv trunk, x [B, 3, H, W] -> "
             f"[B, D, h, w]; got {type(features).__name__}. Fix: pass a module, e.g. features=model.features."
         )
-    linear = _final_linear(head) if isinstance(head, nn.Module) else None
+    linear = final_linear(head) if isinstance(head, nn.Module) else None
     if linear is None:
-        got = _seq_desc(head)
+        got = seq_desc(head)
         raise UnsupportedModelError(
             f"split_classifier: head is not a linear layer. Expected an nn.Linear(D, C) applied to "
             f"features(x).mean((2, 3)) (optionally behind Dropout/Flatten/Identity in an nn.Sequential); got {got}. "
             f"Fix: pass the model's final nn.Linear as head; a head with hidden layers is not GAP + linear -- move "
-            f"them into features, or use a supported architecture ({', '.join(_supported())})."
+            f"them into features, or use a supported architecture ({', '.join(supported_architectures())})."
         )
     extractor = FeatureExtractor(
         features, arch="custom", out_channels=linear.in_features, nonnegative=_nonneg_of(model, features)
     )
     extractor.training = features.training
-    return (extractor, *_weight_bias(linear))
+    return (extractor, *weight_bias(linear))
 
 
-def _supported() -> list[str]:
-    from phpn_core.models.split import (
-        supported_architectures,  # split imports this module
-    )
 
-    return supported_architectures()

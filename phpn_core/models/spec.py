@@ -82,9 +82,7 @@ def supported_model_archs() -> list[str]:
     """Names accepted in :attr:`ModelSpec.arch`: torchvision GAP + linear classifiers (``resnet34``,
     ``densenet121``, ``efficientnet_b0``, ``convnext_tiny``, ``swin_t``, ...), GAP VGGs (``vgg16_gap``, ...) and
     ``synthparts_cnn``. Besides these, ``"timm:<name>"`` is accepted for any model name timm knows."""
-    from phpn_core.models.split import (
-        supported_architectures,  # torchvision: imported on first use
-    )
+    from phpn_core.models.arch_names import supported_architectures
 
     return [*supported_architectures(), SYNTHPARTS_ARCH]
 

@@ -85,7 +85,8 @@ from torch import nn
 
 from phpn_core.errors import UnsupportedModelError
 from phpn_core.models import torchvision_cnn, torchvision_transformers
-from phpn_core.models.extractor import FeatureExtractor, Split, _unsupported
+from phpn_core.models.arch_names import supported_architectures
+from phpn_core.models.extractor import FeatureExtractor, Split, unsupported
 from phpn_core.models.generic import split_explicit, split_generic
 from phpn_core.models.torchvision_cnn import (
     HARDSWISH_SHIFT,
@@ -105,15 +106,6 @@ __all__ = [
     "verify_split",
     "vgg_gap",
 ]
-
-
-def supported_architectures() -> list[str]:
-    """Names of the architectures :func:`split_classifier` recognises, as reported in ``FeatureExtractor.arch``.
-
-    Besides these, generic modules with ``.features`` + a Linear ``.classifier``/``.fc``, ``nn.Sequential`` models
-    ending in GAP + Flatten + Linear, and explicit ``features=``/``head=`` are accepted (see the module docstring).
-    """
-    return torchvision_cnn.architectures() + torchvision_transformers.architectures()
 
 
 def supported_timm_families() -> list[str]:
@@ -181,14 +173,14 @@ def _dispatch(model: nn.Module) -> Split:
     for module in (torchvision_cnn, torchvision_transformers):
         for cls, reason in module.KNOWN_UNSUPPORTED.items():
             if isinstance(model, cls):
-                raise _unsupported(model, reason)
+                raise unsupported(model, reason)
     for module in (torchvision_cnn, torchvision_transformers):
         for cls, splitter in module.SPLITTERS:
             if isinstance(model, cls):
                 return splitter(model)  # type: ignore[operator]
     result = split_generic(model)
     if result is None:
-        raise _unsupported(
+        raise unsupported(
             model,
             f"{type(model).__name__} has no recognisable GAP + linear head (no .features with a Linear "
             f".classifier/.fc, and not a Sequential ending in AdaptiveAvgPool2d(1), Flatten, Linear)",

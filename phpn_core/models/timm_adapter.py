@@ -49,8 +49,8 @@ from phpn_core.errors import ShapeError, UnsupportedModelError
 from phpn_core.models.extractor import (
     FeatureExtractor,
     Split,
-    _layernorm_map,
-    _weight_bias,
+    layernorm_map,
+    weight_bias,
 )
 from phpn_core.models.torchvision_cnn import (  # the same shifts as for torchvision
     HARDSWISH_SHIFT,
@@ -131,7 +131,7 @@ class _TimmExtractor(FeatureExtractor):
         self.eps = None if eps is None else float(eps)
 
     def finish(self, fmap: torch.Tensor) -> torch.Tensor:
-        return fmap if self.eps is None else _layernorm_map(fmap, self.eps)
+        return fmap if self.eps is None else layernorm_map(fmap, self.eps)
 
     def _map(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.body(x))
@@ -263,7 +263,7 @@ def split_timm(model: nn.Module) -> Split:
                       "build it with num_classes=C and a Linear classifier (use_conv=False)")
     layout, prefix, norm = _head_plan(model)
     eps = None
-    weight, bias = _weight_bias(linear)
+    weight, bias = weight_bias(linear)
     if norm is not None:
         if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
             raise _refuse(model, f"the norm of its pooled vector is {type(norm).__name__}, not a LayerNorm(D)",
@@ -361,7 +361,7 @@ def _probe(
                 act = type(producer[0]).__name__
                 shift = SILU_SHIFT if act in _SILU_ACTS else HARDSWISH_SHIFT if act in _HARDSWISH_ACTS else 0.0
                 nonneg = act in _NONNEG_ACTS or shift != 0.0
-            finished = fmap if eps is None else _layernorm_map(fmap, eps)
+            finished = fmap if eps is None else layernorm_map(fmap, eps)
             pooled = finished.mean((2, 3))
             got = pooled @ weight.T + bias
     finally:

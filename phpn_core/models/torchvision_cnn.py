@@ -12,20 +12,29 @@ from torch import nn
 from torchvision import models as tvm
 
 from phpn_core.errors import InputValueError, UnsupportedModelError
+from phpn_core.models.arch_names import (
+    CONVNEXT_NAMES,
+    DENSENET_NAMES,
+    EFFICIENTNET_NAMES,
+    MOBILENET_V3_NAMES,
+    RESNET_NAMES,
+    VGG_CFG,
+    torchvision_cnn_architectures,
+)
 from phpn_core.models.extractor import (
-    _NONNEG_ACTIVATIONS,
-    _PASSTHROUGH,
+    NONNEG_ACTIVATIONS,
+    PASSTHROUGH,
     FeatureExtractor,
+    LayerNormedExtractor,
+    PenultimateExtractor,
     Split,
-    _check_forward,
-    _ends_nonnegative,
-    _LayerNormedExtractor,
-    _PenultimateExtractor,
-    _require_gap,
-    _require_linear,
-    _shifted,
-    _unsupported,
-    _weight_bias,
+    check_forward,
+    ends_nonnegative,
+    require_gap,
+    require_linear,
+    shifted,
+    unsupported,
+    weight_bias,
 )
 
 #: Added to EfficientNet features: SiLU's minimum is -0.278464542761074, so SiLU(x) + 0.2785 > 0.
@@ -33,62 +42,12 @@ SILU_SHIFT: float = 0.2785
 #: Added to MobileNet V3 penultimate activations: Hardswish's minimum is exactly -0.375 (at x = -1.5).
 HARDSWISH_SHIFT: float = 0.375
 
-_RESNET_NAMES: dict[tuple[str, tuple[int, ...], int, int], str] = {
-    ("BasicBlock", (2, 2, 2, 2), 1, 64): "resnet18",
-    ("BasicBlock", (3, 4, 6, 3), 1, 64): "resnet34",
-    ("Bottleneck", (3, 4, 6, 3), 1, 64): "resnet50",
-    ("Bottleneck", (3, 4, 23, 3), 1, 64): "resnet101",
-    ("Bottleneck", (3, 8, 36, 3), 1, 64): "resnet152",
-    ("Bottleneck", (3, 4, 6, 3), 32, 4): "resnext50_32x4d",
-    ("Bottleneck", (3, 4, 23, 3), 32, 8): "resnext101_32x8d",
-    ("Bottleneck", (3, 4, 23, 3), 64, 4): "resnext101_64x4d",
-    ("Bottleneck", (3, 4, 6, 3), 1, 128): "wide_resnet50_2",
-    ("Bottleneck", (3, 4, 23, 3), 1, 128): "wide_resnet101_2",
-}
-# (growth rate, layers per dense block)
-_DENSENET_NAMES: dict[tuple[int, tuple[int, ...]], str] = {
-    (32, (6, 12, 24, 16)): "densenet121",
-    (48, (6, 12, 36, 24)): "densenet161",
-    (32, (6, 12, 32, 32)): "densenet169",
-    (32, (6, 12, 48, 32)): "densenet201",
-}
-# (stem channels, number of MBConv/FusedMBConv blocks, last conv channels); measured on torchvision 0.29.
-_EFFICIENTNET_NAMES: dict[tuple[int, int, int], str] = {
-    (32, 16, 1280): "efficientnet_b0",
-    (32, 23, 1280): "efficientnet_b1",
-    (32, 23, 1408): "efficientnet_b2",
-    (40, 26, 1536): "efficientnet_b3",
-    (48, 32, 1792): "efficientnet_b4",
-    (48, 39, 2048): "efficientnet_b5",
-    (56, 45, 2304): "efficientnet_b6",
-    (64, 55, 2560): "efficientnet_b7",
-    (24, 40, 1280): "efficientnet_v2_s",
-    (24, 57, 1280): "efficientnet_v2_m",
-    (32, 79, 1280): "efficientnet_v2_l",
-}
-# last conv channels at width 1.0
-_MOBILENET_V3_NAMES: dict[int, str] = {576: "mobilenet_v3_small", 960: "mobilenet_v3_large"}
-# (stem channels, blocks per stage)
-_CONVNEXT_NAMES: dict[tuple[int, tuple[int, ...]], str] = {
-    (96, (3, 3, 9, 3)): "convnext_tiny",
-    (96, (3, 3, 27, 3)): "convnext_small",
-    (128, (3, 3, 27, 3)): "convnext_base",
-    (192, (3, 3, 27, 3)): "convnext_large",
-}
-_VGG_CFG: dict[str, tuple[str, bool]] = {
-    f"vgg{depth}{suffix}": (cfg, suffix == "_bn")
-    for depth, cfg in ((11, "A"), (13, "B"), (16, "D"), (19, "E"))
-    for suffix in ("", "_bn")
-}
 
 
 
 def architectures() -> list[str]:
     """The torchvision architecture names these adapters recognise (``FeatureExtractor.arch``)."""
-    names = list(_RESNET_NAMES.values()) + list(_DENSENET_NAMES.values()) + ["mobilenet_v2"]
-    names += list(_MOBILENET_V3_NAMES.values()) + list(_EFFICIENTNET_NAMES.values())
-    names += list(_CONVNEXT_NAMES.values()) + [f"{name}_gap" for name in _VGG_CFG]
-    return names
+    return torchvision_cnn_architectures()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,9 +84,9 @@ def vgg_gap(arch: str = "vgg16", *, num_classes: int, weights: Any = None) -> VG
     Returns:
         VGGGAP in training mode (as torchvision builds models); call ``.eval()`` before splitting.
     """
-    if arch not in _VGG_CFG:
+    if arch not in VGG_CFG:
         raise UnsupportedModelError(
-            f"vgg_gap: unknown VGG architecture. Expected one of {sorted(_VGG_CFG)}; got {arch!r}. "
+            f"vgg_gap: unknown VGG architecture. Expected one of {sorted(VGG_CFG)}; got {arch!r}. "
             f"Fix: pass one of those names, e.g. vgg_gap('vgg16', num_classes=...)."
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -136,7 +95,7 @@ def vgg_gap(arch: str = "vgg16", *, num_classes: int, weights: Any = None) -> VG
         )
     if weights is None:
         # build the trunk alone: torchvision's full VGG would also allocate and initialise a ~120M-parameter MLP
-        cfg, batch_norm = _VGG_CFG[arch]
+        cfg, batch_norm = VGG_CFG[arch]
         trunk = tvm.vgg.make_layers(tvm.vgg.cfgs[cfg], batch_norm=batch_norm)
         for m in trunk.modules():
             if isinstance(m, nn.Conv2d):  # torchvision VGG's init
@@ -157,9 +116,9 @@ def vgg_gap(arch: str = "vgg16", *, num_classes: int, weights: Any = None) -> VG
 
 
 def _split_resnet(model: tvm.ResNet) -> Split:
-    _check_forward(model, tvm.ResNet, ("forward", "_forward_impl"))
-    _require_gap(model, model.avgpool, "model.avgpool")
-    linear = _require_linear(model, model.fc, "model.fc")
+    check_forward(model, tvm.ResNet, ("forward", "_forward_impl"))
+    require_gap(model, model.avgpool, "model.avgpool")
+    linear = require_linear(model, model.fc, "model.fc")
     key = (
         type(model.layer1[0]).__name__,
         tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5)),
@@ -170,42 +129,42 @@ def _split_resnet(model: tvm.ResNet) -> Split:
         model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4
     )
     features = FeatureExtractor(
-        body, arch=_RESNET_NAMES.get(key, "resnet"), out_channels=linear.in_features, nonnegative=True
+        body, arch=RESNET_NAMES.get(key, "resnet"), out_channels=linear.in_features, nonnegative=True
     )
-    return (features, *_weight_bias(linear))
+    return (features, *weight_bias(linear))
 
 
 def _split_densenet(model: tvm.DenseNet) -> Split:
-    _check_forward(model, tvm.DenseNet, ("forward",))
-    linear = _require_linear(model, model.classifier, "model.classifier")
+    check_forward(model, tvm.DenseNet, ("forward",))
+    linear = require_linear(model, model.classifier, "model.classifier")
     blocks = [m for name, m in model.features.named_children() if name.startswith("denseblock")]
     try:
         growth = int(blocks[0].denselayer1.conv2.out_channels)
     except (IndexError, AttributeError):
         growth = -1
-    arch = _DENSENET_NAMES.get((growth, tuple(len(b) for b in blocks)), "densenet")
+    arch = DENSENET_NAMES.get((growth, tuple(len(b) for b in blocks)), "densenet")
     # torchvision's DenseNet.forward applies F.relu after .features (its last module is a BatchNorm)
     features = FeatureExtractor(
         model.features, arch=arch, out_channels=linear.in_features, nonnegative=True, final_relu=True
     )
-    return (features, *_weight_bias(linear))
+    return (features, *weight_bias(linear))
 
 
 def _split_mobilenet_v2(model: tvm.MobileNetV2) -> Split:
-    _check_forward(model, tvm.MobileNetV2, ("forward", "_forward_impl"))
-    linear = _require_linear(model, model.classifier, "model.classifier")
+    check_forward(model, tvm.MobileNetV2, ("forward", "_forward_impl"))
+    linear = require_linear(model, model.classifier, "model.classifier")
     features = FeatureExtractor(
         model.features, arch="mobilenet_v2", out_channels=linear.in_features,
-        nonnegative=_ends_nonnegative(model.features),
+        nonnegative=ends_nonnegative(model.features),
     )
-    return (features, *_weight_bias(linear))
+    return (features, *weight_bias(linear))
 
 
 
 def _split_efficientnet(model: tvm.EfficientNet) -> Split:
-    _check_forward(model, tvm.EfficientNet, ("forward", "_forward_impl"))
-    _require_gap(model, model.avgpool, "model.avgpool")
-    linear = _require_linear(model, model.classifier, "model.classifier")
+    check_forward(model, tvm.EfficientNet, ("forward", "_forward_impl"))
+    require_gap(model, model.avgpool, "model.avgpool")
+    linear = require_linear(model, model.classifier, "model.classifier")
     try:
         key = (
             int(model.features[0][0].out_channels),
@@ -220,30 +179,30 @@ def _split_efficientnet(model: tvm.EfficientNet) -> Split:
     if isinstance(last, nn.SiLU):
         shift, nonneg = SILU_SHIFT, True
     else:  # a modified trunk: report honestly instead of shifting blindly
-        shift, nonneg = 0.0, _ends_nonnegative(model.features)
+        shift, nonneg = 0.0, ends_nonnegative(model.features)
     features = FeatureExtractor(
-        model.features, arch=_EFFICIENTNET_NAMES.get(key, "efficientnet"), out_channels=linear.in_features,
+        model.features, arch=EFFICIENTNET_NAMES.get(key, "efficientnet"), out_channels=linear.in_features,
         nonnegative=nonneg, shift=shift,
     )
-    return _shifted(features, linear, shift)
+    return shifted(features, linear, shift)
 
 
 def _split_mobilenet_v3(model: tvm.MobileNetV3) -> Split:
-    _check_forward(model, tvm.MobileNetV3, ("forward", "_forward_impl"))
-    _require_gap(model, model.avgpool, "model.avgpool")
+    check_forward(model, tvm.MobileNetV3, ("forward", "_forward_impl"))
+    require_gap(model, model.avgpool, "model.avgpool")
     head = model.classifier
     if not (isinstance(head, nn.Sequential) and len(head) >= 2 and isinstance(head[-1], nn.Linear)):
-        raise _unsupported(model, "MobileNetV3 .classifier does not end with an nn.Linear")
+        raise unsupported(model, "MobileNetV3 .classifier does not end with an nn.Linear")
     linear = head[-1]
     pre_head = head[:-1]  # shares the modules
-    acts = [m for m in pre_head if not isinstance(m, _PASSTHROUGH)]
+    acts = [m for m in pre_head if not isinstance(m, PASSTHROUGH)]
     last_act = acts[-1] if acts else None
     if isinstance(last_act, nn.Hardswish):
         shift, nonneg = HARDSWISH_SHIFT, True
     else:
-        shift, nonneg = 0.0, isinstance(last_act, _NONNEG_ACTIVATIONS)
+        shift, nonneg = 0.0, isinstance(last_act, NONNEG_ACTIVATIONS)
     try:
-        arch = _MOBILENET_V3_NAMES.get(int(model.features[-1][0].out_channels), "mobilenet_v3")
+        arch = MOBILENET_V3_NAMES.get(int(model.features[-1][0].out_channels), "mobilenet_v3")
     except (TypeError, IndexError, AttributeError):
         arch = "mobilenet_v3"
     warnings.warn(
@@ -254,15 +213,15 @@ def _split_mobilenet_v3(model: tvm.MobileNetV3) -> Split:
         UserWarning,
         stacklevel=4,  # the caller of split_classifier
     )
-    features = _PenultimateExtractor(
+    features = PenultimateExtractor(
         model.features, pre_head, arch=arch, out_channels=linear.in_features, nonnegative=nonneg, shift=shift
     )
-    return _shifted(features, linear, shift)
+    return shifted(features, linear, shift)
 
 
 def _split_convnext(model: tvm.ConvNeXt) -> Split:
-    _check_forward(model, tvm.ConvNeXt, ("forward", "_forward_impl"))
-    _require_gap(model, model.avgpool, "model.avgpool")
+    check_forward(model, tvm.ConvNeXt, ("forward", "_forward_impl"))
+    require_gap(model, model.avgpool, "model.avgpool")
     head = model.classifier
     ok = (
         isinstance(head, nn.Sequential)
@@ -272,7 +231,7 @@ def _split_convnext(model: tvm.ConvNeXt) -> Split:
         and isinstance(head[2], nn.Linear)
     )
     if not ok or len(head[0].normalized_shape) != 1:
-        raise _unsupported(model, "ConvNeXt .classifier is not LayerNorm2d(D), Flatten, Linear")
+        raise unsupported(model, "ConvNeXt .classifier is not LayerNorm2d(D), Flatten, Linear")
     norm, linear = head[0], head[2]
     try:
         key = (int(model.features[0][0].out_channels), tuple(len(model.features[i]) for i in (1, 3, 5, 7)))
@@ -284,21 +243,21 @@ def _split_convnext(model: tvm.ConvNeXt) -> Split:
         beta = norm.bias.detach() if norm.bias is not None else torch.zeros_like(w[0])
         weight = (w * gamma[None, :]).clone()
         bias = (linear.bias.detach() if linear.bias is not None else torch.zeros_like(w[:, 0])) + w @ beta
-    features = _LayerNormedExtractor(
-        model.features, eps=norm.eps, arch=_CONVNEXT_NAMES.get(key, "convnext"),
+    features = LayerNormedExtractor(
+        model.features, eps=norm.eps, arch=CONVNEXT_NAMES.get(key, "convnext"),
         out_channels=linear.in_features, nonnegative=False,
     )
     return features, weight, bias.clone()
 
 
 def _split_vgg_gap(model: VGGGAP) -> Split:
-    _check_forward(model, VGGGAP, ("forward",))
-    linear = _require_linear(model, model.classifier, "model.classifier")
+    check_forward(model, VGGGAP, ("forward",))
+    linear = require_linear(model, model.classifier, "model.classifier")
     features = FeatureExtractor(
         model.features, arch=f"{model.arch}_gap", out_channels=linear.in_features,
-        nonnegative=_ends_nonnegative(model.features),
+        nonnegative=ends_nonnegative(model.features),
     )
-    return (features, *_weight_bias(linear))
+    return (features, *weight_bias(linear))
 
 
 # torchvision classes known NOT to be GAP + linear, with why (for the error message)

@@ -13,25 +13,19 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from phpn_core.models.arch_names import (
+    SWIN_NAMES,
+    torchvision_transformer_architectures,
+)
 from phpn_core.models.extractor import (
     FeatureExtractor,
     Split,
-    _check_forward,
-    _require_gap,
-    _require_linear,
-    _unsupported,
-    _weight_bias,
+    check_forward,
+    require_gap,
+    require_linear,
+    unsupported,
+    weight_bias,
 )
-
-# (patch-embedding channels, blocks per stage, v2) -> name; torchvision 0.29
-_SWIN_NAMES: dict[tuple[int, tuple[int, ...], bool], str] = {
-    (96, (2, 2, 6, 2), False): "swin_t",
-    (96, (2, 2, 18, 2), False): "swin_s",
-    (128, (2, 2, 18, 2), False): "swin_b",
-    (96, (2, 2, 6, 2), True): "swin_v2_t",
-    (96, (2, 2, 18, 2), True): "swin_v2_s",
-    (128, (2, 2, 18, 2), True): "swin_v2_b",
-}
 
 VIT_REASON = (
     "a CLS-token Vision Transformer (torchvision vit_*) classifies the class token, not an average of the patch "
@@ -44,7 +38,7 @@ VIT_REASON = (
 
 def architectures() -> list[str]:
     """The torchvision transformer names these adapters recognise (``FeatureExtractor.arch``)."""
-    return list(_SWIN_NAMES.values())
+    return torchvision_transformer_architectures()
 
 
 class _SwinTrunk(nn.Module):
@@ -66,20 +60,20 @@ def _swin_name(model: tvm.SwinTransformer) -> str:
         v2 = isinstance(model.features[1][0], tvm.swin_transformer.SwinTransformerBlockV2)
     except (TypeError, IndexError, AttributeError):
         return "swin"
-    return _SWIN_NAMES.get((dim, stages, v2), "swin")
+    return SWIN_NAMES.get((dim, stages, v2), "swin")
 
 
 def _split_swin(model: tvm.SwinTransformer) -> Split:
-    _check_forward(model, tvm.SwinTransformer, ("forward",))
-    _require_gap(model, model.avgpool, "model.avgpool")
-    linear = _require_linear(model, model.head, "model.head")
+    check_forward(model, tvm.SwinTransformer, ("forward",))
+    require_gap(model, model.avgpool, "model.avgpool")
+    linear = require_linear(model, model.head, "model.head")
     if not isinstance(model.norm, nn.LayerNorm) or len(model.norm.normalized_shape) != 1:
-        raise _unsupported(model, f"Swin .norm is {type(model.norm).__name__}, not a per-token LayerNorm(D)")
+        raise unsupported(model, f"Swin .norm is {type(model.norm).__name__}, not a per-token LayerNorm(D)")
     features = FeatureExtractor(
         _SwinTrunk(model.features, model.norm), arch=_swin_name(model), out_channels=linear.in_features,
         nonnegative=False,
     )
-    return (features, *_weight_bias(linear))
+    return (features, *weight_bias(linear))
 
 
 KNOWN_UNSUPPORTED: dict[type, str] = {tvm.VisionTransformer: VIT_REASON}

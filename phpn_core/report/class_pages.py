@@ -39,17 +39,17 @@ import torch
 
 from phpn_core.errors import InputValueError, ShapeError
 from phpn_core.method.head import PartPrototypeHead
-from phpn_core.report.html import (
-    _CSS,
-    _check_head_and_features,
-    _check_pos_int,
-    _class_html,
-    _class_names,
-    _esc,
-    _explain_classes,
-    _torch_device,
+from phpn_core.report.html import class_html
+from phpn_core.report.page_common import (
+    CSS,
+    check_head_and_features,
+    check_pos_int,
+    class_names_of,
+    esc,
+    explain_classes,
     format_value,
     select_test_images,
+    torch_device,
 )
 
 __all__ = ["CLASSES_DIR", "build_class_pages", "class_page_name", "index_page_name"]
@@ -137,7 +137,7 @@ def _head(title: str, extra_css: str = "", script: str = "") -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{_esc(title)}</title>\n<style>{_CSS}{extra_css}</style>\n{script}</head>\n"
+        f"<title>{esc(title)}</title>\n<style>{CSS}{extra_css}</style>\n{script}</head>\n"
     )
 
 
@@ -152,16 +152,16 @@ def _write(path: Path, text: str) -> int:
 def _index_pages(classes: list[int], names: list[str], columns: dict[str, dict[int, Any]], n_shown: dict[int, int],
                  page_size: int, title: str, out: Path) -> list[Path]:
     n_pages = max(1, math.ceil(len(classes) / page_size))
-    head_cells = "".join(f"<th scope=\"col\">{_esc(c)}</th>" for c in ["class", "name", "test images", *columns])
+    head_cells = "".join(f"<th scope=\"col\">{esc(c)}</th>" for c in ["class", "name", "test images", *columns])
     paths = []
     for p in range(1, n_pages + 1):
         chunk = classes[(p - 1) * page_size : p * page_size]
         rows = []
         for c in chunk:
-            tds = "".join(f"<td class=\"num\">{_esc(format_value(col.get(c)))}</td>" for col in columns.values())
+            tds = "".join(f"<td class=\"num\">{esc(format_value(col.get(c)))}</td>" for col in columns.values())
             rows.append(
-                f"<tr data-name=\"{_esc(names[c].lower())}\"><td class=\"num\">{c}</td>"
-                f"<td><a href=\"{class_page_name(c)}\">{_esc(names[c])}</a></td>"
+                f"<tr data-name=\"{esc(names[c].lower())}\"><td class=\"num\">{c}</td>"
+                f"<td><a href=\"{class_page_name(c)}\">{esc(names[c])}</a></td>"
                 f"<td class=\"num\">{n_shown.get(c, 0)}</td>{tds}</tr>"
             )
         prev = (f"<a rel=\"prev\" href=\"{index_page_name(p - 1)}\">&larr; previous</a>" if p > 1
@@ -172,7 +172,7 @@ def _index_pages(classes: list[int], names: list[str], columns: dict[str, dict[i
         pager = (f"<nav class=\"pager\" aria-label=\"index pages\">{prev}<span>page {p} of {n_pages} "
                  f"(classes {first}-{last} of {len(classes)})</span>{nxt}</nav>")
         body = (
-            f"<body>\n<h1>{_esc(title)}: classes</h1>\n"
+            f"<body>\n<h1>{esc(title)}: classes</h1>\n"
             f"<p class=\"note\">{len(classes)} classes, {page_size} per page; each name links to the class's page. "
             "<a href=\"../report.html\">Back to the report</a>.</p>\n"
             "<p><label for=\"search\">Search by class name: </label>"
@@ -195,17 +195,17 @@ def _class_page(c: int, *, position: int, classes: list[int], page_size: int, na
                 gallery_size: int, patch_size: int | None, png_dir: Path, viz: Any, alpha: float, cmap: str,
                 title: str, out: Path) -> int:
     """Render and write class ``c``'s page; returns its size in bytes."""
-    section = _class_html(c, names, data, head, signs, proto_labels, train_store, train_dataset, gallery_size,
+    section = class_html(c, names, data, head, signs, proto_labels, train_store, train_dataset, gallery_size,
                           patch_size, png_dir, viz, alpha=alpha, cmap=cmap)
     links = [f"<a href=\"{index_page_name(position // page_size + 1)}\">index</a>"]
     if position > 0:
         p = classes[position - 1]
-        links.append(f"<a rel=\"prev\" href=\"{class_page_name(p)}\">&larr; {_esc(names[p])}</a>")
+        links.append(f"<a rel=\"prev\" href=\"{class_page_name(p)}\">&larr; {esc(names[p])}</a>")
     if position + 1 < len(classes):
         n = classes[position + 1]
-        links.append(f"<a rel=\"next\" href=\"{class_page_name(n)}\">{_esc(names[n])} &rarr;</a>")
+        links.append(f"<a rel=\"next\" href=\"{class_page_name(n)}\">{esc(names[n])} &rarr;</a>")
     metrics = "".join(
-        f"<tr><th scope=\"row\"><code>{_esc(name)}</code></th><td class=\"num\">{_esc(format_value(col.get(c)))}"
+        f"<tr><th scope=\"row\"><code>{esc(name)}</code></th><td class=\"num\">{esc(format_value(col.get(c)))}"
         "</td></tr>" for name, col in columns.items()
     )
     table = (f"<table class=\"metrics\"><caption class=\"note\">Class metrics</caption><tbody>{metrics}</tbody>"
@@ -275,18 +275,18 @@ def build_class_pages(
     """
     from phpn_core.report import figures as viz
 
-    _check_head_and_features(head, features)
-    images_per_class = _check_pos_int("images_per_class", images_per_class, "e.g. images_per_class=2.")
-    gallery_size = _check_pos_int("gallery_size", gallery_size, "e.g. gallery_size=4.")
-    page_size = _check_pos_int("page_size", page_size, "e.g. page_size=200.")
-    batch_classes = _check_pos_int("batch_classes", batch_classes, "e.g. batch_classes=64.")
+    check_head_and_features(head, features)
+    images_per_class = check_pos_int("images_per_class", images_per_class, "e.g. images_per_class=2.")
+    gallery_size = check_pos_int("gallery_size", gallery_size, "e.g. gallery_size=4.")
+    page_size = check_pos_int("page_size", page_size, "e.g. page_size=200.")
+    batch_classes = check_pos_int("batch_classes", batch_classes, "e.g. batch_classes=64.")
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    workers = _check_pos_int("workers", workers, "e.g. workers=4, or 1 to write serially.")
+    workers = check_pos_int("workers", workers, "e.g. workers=4, or 1 to write serially.")
     if patch_size is not None:
-        patch_size = _check_pos_int("patch_size", patch_size, "e.g. patch_size=32, or None for the default.")
+        patch_size = check_pos_int("patch_size", patch_size, "e.g. patch_size=32, or None for the default.")
     C, k, _ = head.prototypes.shape
-    names = _class_names(test_dataset, C, class_names)
+    names = class_names_of(test_dataset, C, class_names)
     columns = _metric_columns(per_class_metrics, C)
     if classes is None:
         classes = list(range(C))
@@ -300,7 +300,7 @@ def build_class_pages(
                 "for every class."
             )
         classes = [int(c) for c in classes]
-    dev = _torch_device(device)
+    dev = torch_device(device)
 
     out = Path(out_dir) / CLASSES_DIR
     png_dir = out / "png"
@@ -327,7 +327,7 @@ def build_class_pages(
         pending: list[Future] = []
         for s in range(0, len(classes), batch_classes):
             batch = classes[s : s + batch_classes]
-            explained = _explain_classes(head, features, test_dataset, batch, chosen, dev)
+            explained = explain_classes(head, features, test_dataset, batch, chosen, dev)
             if workers == 1:  # serial: no thread at all
                 for c in batch:
                     _class_page(c, position=position[c], data=explained.get(c), **common)

@@ -185,6 +185,8 @@ def render_image_explanation(
     from PIL import PngImagePlugin
 
     from phpn_core.report import figures as viz
+    from phpn_core.report.mosaics import render_mosaic
+    from phpn_core.report.plots import image_hwc
 
     T, k = expl.contributions.shape
     S = expl.image.shape[-1]
@@ -192,7 +194,7 @@ def render_image_explanation(
     labels = [f"p{i}" for i in range(k)]
     bar_w = max(2 * cell, 44 * (k + 1))
     rows, row_labels = [], []
-    img = viz._image_hwc(expl.image)
+    img = image_hwc(expl.image)
     for t in range(T):
         vmax = float(expl.oriented_heatmaps[t].max())
         marked = [f"{p}-" if float(expl.signs[t, i]) < 0 else p for i, p in enumerate(labels)]
@@ -206,7 +208,7 @@ def render_image_explanation(
     head = title or "phpn explanation"
     subtitle = (f"normalisation: {expl.normalization}; maps oriented (p- = negative evidence), colour scale per row "
                 "from 0 to its max")
-    canvas = viz._render_mosaic(rows, cell, row_labels=row_labels, col_labels=["contributions", "image", *labels],
+    canvas = render_mosaic(rows, cell, row_labels=row_labels, col_labels=["contributions", "image", *labels],
                                 title=f"{head}\n{subtitle}", col_widths=[bar_w] + [cell] * (k + 1))
     info = PngImagePlugin.PngInfo()
     info.add_text("phpn:normalization", expl.normalization)
@@ -335,8 +337,8 @@ def load_entry_model(
     image_size: int | None = None,
 ) -> LoadedEntry:
     """Load entry ``entry_id`` and the classifier it was decomposed from (see the module docstring)."""
-    from phpn_core.models.split import split_classifier
     from phpn_core.models.spec import CheckpointError, ModelSpec, build_model
+    from phpn_core.models.split import split_classifier
     from phpn_core.storage.registry import PrototypeRegistry
 
     head, info = PrototypeRegistry(registry_uri, storage_options=storage_options).load(entry_id)

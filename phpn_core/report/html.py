@@ -32,23 +32,32 @@ training features (``train_store``) and decode only the training images they sho
 
 from __future__ import annotations
 
-import base64
-import copy
-import html
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from phpn_core.data.base import normalize
-from phpn_core.errors import InputValueError, ShapeError
+from phpn_core.errors import InputValueError
 from phpn_core.method.head import PartPrototypeHead
+from phpn_core.report.gallery import GalleryPatch, gallery_patches
+from phpn_core.report.page_common import (
+    CSS,
+    check_head_and_features,
+    check_pos_int,
+    class_names_of,
+    data_uri,
+    esc,
+    explain_classes,
+    format_value,
+    labels_of,
+    select_test_images,
+    short,
+    torch_device,
+)
 
 __all__ = ["build_report", "format_value", "select_test_images", "gallery_patches", "GalleryPatch", "PNG_DIR"]
 
@@ -68,25 +77,6 @@ _METRIC_HELP = {
 }
 _DEFAULT_MAX_CLASSES = 10
 
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1200px;
-       padding: 1.5em 2em 4em; color: #222; line-height: 1.45; background: #fff; }
-h1 { font-size: 1.7em; margin-bottom: 0.2em; }
-h2 { font-size: 1.35em; margin-top: 2.2em; border-bottom: 2px solid #e3e3e3; padding-bottom: 0.2em; }
-h3 { font-size: 1.05em; margin: 1.4em 0 0.4em; color: #333; }
-p.note, figcaption { color: #555; font-size: 0.9em; }
-table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.92em; }
-th, td { border: 1px solid #d9d9d9; padding: 0.3em 0.8em; text-align: left; vertical-align: top; }
-th { background: #f3f5f7; }
-caption { text-align: left; caption-side: top; padding-bottom: 0.3em; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.ours td { font-weight: 600; background: #f4f9ff; }
-figure { margin: 0.4em 0 1em; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-nav ul { columns: 4; list-style: none; padding-left: 0; }
-ul.why { margin-top: 0.2em; }
-code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; }
-"""
 
 _SCRIPT = """
 window.addEventListener("load", function () {
@@ -102,261 +92,10 @@ window.addEventListener("load", function () {
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def format_value(value: Any) -> str:
-    """How a metric value is printed in the report: None -> ``"n/a"``, bool -> ``yes``/``no``, int as is, float
-    with 4 significant digits (``f"{v:.4g}"``), dicts/lists as compact JSON, anything else ``str``."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return format_value(value.item())
-    if isinstance(value, (Mapping, list, tuple)):
-        try:
-            text = json.dumps(value, default=str, separators=(", ", ": "))
-        except (TypeError, ValueError):
-            text = str(value)
-        return text if len(text) <= 160 else text[:157] + "..."
-    return str(value)
-
-
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _short(text: str, n: int = 28) -> str:
-    """``text`` cut to its last ``n`` characters (ids end with what distinguishes them), for labels in images."""
-    text = str(text)
-    return text if len(text) <= n else "..." + text[-(n - 3):]
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _check_pos_int(name: str, value: Any, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputValueError(f"{name} must be an int >= 1; got {value!r}. Fix: {hint}")
-    return int(value)
-
-
-def _labels_of(dataset: Any, who: str) -> list[int]:
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        raise InputValueError(
-            f"{who} has no labels attribute: expected a phpn dataset (phpn_core.data.base's contract: labels, "
-            f"classes, mean, std, items with image/label/image_id); got {type(dataset).__name__}. Fix: add labels "
-            "(all labels in item order)."
-        )
-    return [int(v) for v in labels]
-
-
-def _class_names(dataset: Any, C: int, given: Sequence[str] | None) -> list[str]:
-    if given is not None:
-        names = [str(n) for n in given]
-        if len(names) != C:
-            raise ShapeError(f"class_names must hold C={C} names (one per head class); got {len(names)}.")
-        return names
-    names = getattr(dataset, "classes", None)
-    if names is not None and len(names) == C:
-        return [str(n) for n in names]
-    return [f"class {c}" for c in range(C)]
-
-
-def _module_on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``module`` on ``device`` without moving the caller's module (``nn.Module.to`` works in place)."""
-    p = next(module.parameters(), None)
-    if p is None or p.device == device:
-        return module
-    return copy.deepcopy(module).to(device)
-
-
-def _torch_device(device: Any) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputValueError(f"device {device!r} is not a torch device. Fix: pass 'cpu' or 'cuda'.") from None
-
-
-def _check_head_and_features(head: Any, features: Any) -> None:
-    """What every page builder needs: a decomposed head and a feature module in eval mode."""
-    if not isinstance(head, PartPrototypeHead):
-        raise InputValueError(
-            f"head must be a PartPrototypeHead; got {type(head).__name__}. Fix: load it with "
-            "PrototypeRegistry(uri).load(entry_id)[0]."
-        )
-    _check_features_module(features)
-
-
-def _check_features_module(features: Any) -> None:
-    if not isinstance(features, torch.nn.Module):
-        raise InputValueError(
-            f"features must be an nn.Module (x [B, 3, S, S] normalised -> [B, D, h, w]); got "
-            f"{type(features).__name__}. Fix: pass split_classifier(model)[0]."
-        )
-    training = [n or type(features).__name__ for n, m in features.named_modules()
-                if m.training and isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.Dropout))]
-    if training:
-        raise InputValueError(
-            f"features is in training mode ({len(training)} BatchNorm/Dropout modules, e.g. {training[:3]}): "
-            "expected eval mode, else the heatmaps depend on the batch. Fix: call model.eval() before splitting."
-        )
-
-
-def _default_patch_size(S: int) -> int:
-    # The ProtoEval box (72 px at 224 px, scaled with the image): the region the evaluation credits a prototype with.
-    return max(8, 2 * int(math.floor(36 * S / 224 + 0.5)))
-
-
-def _crop(image: torch.Tensor, cy: float, cx: float, size: int) -> torch.Tensor:
-    """The ``size x size`` patch of ``image [3, H, W]`` centred at pixel ``(cy, cx)``, shifted to stay inside."""
-    _, H, W = image.shape
-    sh, sw = min(size, H), min(size, W)
-    y0 = int(round(cy - sh / 2))
-    x0 = int(round(cx - sw / 2))
-    y0 = min(max(0, y0), H - sh)
-    x0 = min(max(0, x0), W - sw)
-    return image[:, y0 : y0 + sh, x0 : x0 + sw].clone()
-
-
 # --------------------------------------------------------------------------------------------------- the data
 
 
-def select_test_images(dataset: Any, classes: Sequence[int], per_class: int) -> dict[int, list[int]]:
-    """``{c: the first per_class dataset indices of class c}`` (dataset order); classes without images map to []."""
-    labels = _labels_of(dataset, "test_dataset")
-    want = {int(c): [] for c in classes}
-    for i, y in enumerate(labels):
-        lst = want.get(y)
-        if lst is not None and len(lst) < per_class:
-            lst.append(i)
-    return want
-
-
-@dataclass(frozen=True)
-class GalleryPatch:
-    """One gallery patch: ``patch [3, p, p]`` cut from training image ``dataset_index`` (``image_id``) around
-    feature-map cell ``(row, col)``, where the prototype's oriented map reaches ``score``."""
-
-    patch: torch.Tensor
-    dataset_index: int
-    image_id: str
-    row: int
-    col: int
-    score: float
-
-
-def gallery_patches(
-    head: PartPrototypeHead,
-    c: int,
-    *,
-    train_store: Any,
-    train_dataset: Any,
-    size: int = 6,
-    patch_size: int | None = None,
-) -> list[list[GalleryPatch]]:
-    """The training patches that activate each of class ``c``'s prototypes most.
-
-    For prototype i, the oriented map ``signs[c, i] * F_n . p~_{c,i}`` of every training image n of class c
-    (``train_store.class_features(c)`` ``[n, h, w, D]``) is maximised over positions; the ``size`` images with the
-    highest maxima (one patch per image) are cut from ``train_dataset`` around that cell's centre, a
-    ``patch_size``-pixel square (default: the ProtoEval box, 36 px at 112 px).
-
-    Returns ``k`` lists (prototype order) of up to ``size`` :class:`GalleryPatch`, best first.
-    """
-    C, k, D = head.prototypes.shape
-    Fc = train_store.class_features(int(c))  # [n, h, w, D]
-    if Fc.ndim != 4 or Fc.shape[-1] != D:
-        raise ShapeError(
-            f"train_store's class {c} features have shape {list(Fc.shape)}; expected [n, h, w, D={D}] matching the "
-            "head's prototypes. Fix: pass the training feature store the head was decomposed from."
-        )
-    n, h, w, _ = Fc.shape
-    if n == 0:
-        return [[] for _ in range(k)]
-    protos = head.prototypes[int(c)].detach().to("cpu", torch.float32)  # [k, D]
-    signs = head.signs[int(c)].detach().to("cpu", torch.float32)  # [k]
-    maps = torch.einsum("nhwd,kd->knhw", Fc.float(), protos) * signs.view(k, 1, 1, 1)  # [k, n, h, w]
-    best, pos = maps.reshape(k, n, h * w).max(-1)  # [k, n]
-    top = min(int(size), n)
-    order = best.argsort(dim=1, descending=True)[:, :top]  # [k, top]
-    indices = train_store.class_indices(int(c))
-    ids = train_store.class_image_ids(int(c))
-    cache: dict[int, torch.Tensor] = {}
-    out: list[list[GalleryPatch]] = []
-    for i in range(k):
-        row_out = []
-        for j in order[i].tolist():
-            ds_index = int(indices[j])
-            if j not in cache:
-                item = train_dataset[ds_index]
-                if str(item["image_id"]) != ids[j]:
-                    raise InputValueError(
-                        f"train_store and train_dataset disagree: store row {j} of class {c} is image {ids[j]!r}, "
-                        f"but train_dataset[{ds_index}] is {item['image_id']!r}. Expected the dataset the store was "
-                        "extracted from. Fix: pass the same training split (same seed, size and order)."
-                    )
-                cache[j] = item["image"]
-            image = cache[j]
-            S_h, S_w = image.shape[-2:]
-            p = int(pos[i, j])
-            r, col = divmod(p, w)
-            size_px = patch_size if patch_size is not None else _default_patch_size(min(S_h, S_w))
-            patch = _crop(image, (r + 0.5) * S_h / h, (col + 0.5) * S_w / w, size_px)
-            row_out.append(GalleryPatch(patch, ds_index, ids[j], r, col, float(best[i, j])))
-        out.append(row_out)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- the report
-
-
-def _explain_classes(head: PartPrototypeHead, features: torch.nn.Module, test_dataset: Any,
-                     classes: Sequence[int], chosen: Mapping[int, list[int]], dev: torch.device
-                     ) -> dict[int, dict[str, Any]]:
-    """The chosen test images of ``classes`` (``chosen[c]``: dataset indices) through ``features`` and the head, in
-    batches of 64 images across classes: ``{c: {"images" [n, 3, S, S], "ids", "contributions" [n, k], "oriented"
-    [n, k, h, w], "logits" [n], "bias", "pred"}}`` for every class with at least one image."""
-    flat = [i for c in classes for i in chosen[c]]
-    items = [test_dataset[i] for i in flat]
-    explained: dict[int, dict[str, Any]] = {}
-    if items:
-        x = torch.stack([it["image"] for it in items]).float()
-        mean, std = getattr(test_dataset, "mean", None), getattr(test_dataset, "std", None)
-        if mean is None or std is None:
-            raise InputValueError(
-                "test_dataset has no mean/std attributes: expected the normalisation its classifier was trained "
-                "with (phpn dataset contract). Fix: add mean and std (3-tuples) to the dataset."
-            )
-        feats = _module_on(features, dev)
-        head_d = head if head.prototypes.device == dev else copy.deepcopy(head).to(dev)
-        with torch.inference_mode():
-            fmaps = torch.cat([feats(normalize(x[s : s + 64], mean, std).to(dev)) for s in range(0, len(x), 64)])
-            if fmaps.dtype != head_d.prototypes.dtype:
-                fmaps = fmaps.to(head_d.prototypes.dtype)
-            logits_all = head_d(fmaps).cpu()  # [N, C]
-            pos = 0
-            for c in classes:
-                n_c = len(chosen[c])
-                if n_c == 0:
-                    continue
-                ex = head_d.explain(fmaps[pos : pos + n_c], classes=[c])
-                explained[c] = {
-                    "images": x[pos : pos + n_c],
-                    "ids": [str(it["image_id"]) for it in items[pos : pos + n_c]],
-                    "contributions": ex.contributions[:, 0].cpu(),  # [n, k]
-                    "oriented": ex.oriented_heatmaps[:, 0].cpu(),  # [n, k, h, w]
-                    "logits": ex.logits[:, 0].cpu(),  # [n]
-                    "bias": float(ex.bias[0]),
-                    "pred": logits_all[pos : pos + n_c].argmax(1).tolist(),
-                }
-                pos += n_c
-    return explained
 
 
 def build_report(
@@ -405,12 +144,12 @@ def build_report(
     from phpn_core.report import figures as viz
 
     t0 = time.perf_counter()
-    _check_head_and_features(head, features)
-    images_per_class = _check_pos_int("images_per_class", images_per_class, "e.g. images_per_class=4.")
-    gallery_size = _check_pos_int("gallery_size", gallery_size, "e.g. gallery_size=6.")
-    max_classes = _check_pos_int("max_classes", max_classes, "e.g. max_classes=10.")
+    check_head_and_features(head, features)
+    images_per_class = check_pos_int("images_per_class", images_per_class, "e.g. images_per_class=4.")
+    gallery_size = check_pos_int("gallery_size", gallery_size, "e.g. gallery_size=6.")
+    max_classes = check_pos_int("max_classes", max_classes, "e.g. max_classes=10.")
     if patch_size is not None:
-        patch_size = _check_pos_int("patch_size", patch_size, "e.g. patch_size=32, or None for the default.")
+        patch_size = check_pos_int("patch_size", patch_size, "e.g. patch_size=32, or None for the default.")
     if metrics is not None and not isinstance(metrics, Mapping):
         raise InputValueError(
             f"metrics must be a mapping (the run's metrics dict) or None; got {type(metrics).__name__}. "
@@ -418,9 +157,9 @@ def build_report(
         )
     metrics = dict(metrics or {})
     C, k, D = head.prototypes.shape
-    names = _class_names(test_dataset, C, class_names)
+    names = class_names_of(test_dataset, C, class_names)
     if classes is None:
-        present = set(_labels_of(test_dataset, "test_dataset"))
+        present = set(labels_of(test_dataset, "test_dataset"))
         classes = [c for c in range(C) if c in present][:max_classes]
     else:
         classes = list(classes)
@@ -431,7 +170,7 @@ def build_report(
                 "classes=[0, 1, 2], or None for the first classes."
             )
         classes = [int(c) for c in classes]
-    dev = _torch_device(device)
+    dev = torch_device(device)
 
     out = Path(out_dir)
     png_dir = out / PNG_DIR
@@ -441,7 +180,7 @@ def build_report(
 
     # -- the test images and their explanations (one forward pass) ----------------------------------------------
     chosen = select_test_images(test_dataset, classes, images_per_class)
-    explained = _explain_classes(head, features, test_dataset, classes, chosen, dev)
+    explained = explain_classes(head, features, test_dataset, classes, chosen, dev)
 
     signs = head.signs.detach().cpu()
     proto_labels = [f"p{i}" for i in range(k)]
@@ -454,11 +193,11 @@ def build_report(
         parts.append(baseline_html)
     parts.append(
         "<nav aria-label=\"classes\"><h2 id=\"classes\">Classes</h2><ul>"
-        + "".join(f"<li><a href=\"#class-{c}\">{_esc(names[c])}</a></li>" for c in classes)
+        + "".join(f"<li><a href=\"#class-{c}\">{esc(names[c])}</a></li>" for c in classes)
         + "</ul></nav>"
     )
     for c in classes:
-        parts.append(_class_html(c, names, explained.get(c), head, signs, proto_labels, train_store, train_dataset,
+        parts.append(class_html(c, names, explained.get(c), head, signs, proto_labels, train_store, train_dataset,
                                  gallery_size, patch_size, png_dir, viz, alpha=alpha, cmap=cmap))
 
     seconds = time.perf_counter() - t0
@@ -472,8 +211,8 @@ def build_report(
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n<script>{_SCRIPT}</script>\n</head>\n"
-        f"<body data-images-loaded=\"pending\">\n<h1>{_esc(title)}</h1>\n{intro}\n"
+        f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n<script>{_SCRIPT}</script>\n</head>\n"
+        f"<body data-images-loaded=\"pending\">\n<h1>{esc(title)}</h1>\n{intro}\n"
         + "\n".join(parts)
         + "\n</body>\n</html>\n"
     )
@@ -502,8 +241,8 @@ def _summary_html(metrics: Mapping[str, Any]) -> str:
         body = "<p class=\"note\">No metrics were given.</p>"
     else:
         trs = "".join(
-            f"<tr><th scope=\"row\"><code>{_esc(k)}</code></th><td class=\"num\">{_esc(format_value(v))}</td>"
-            f"<td>{_esc(h) if h else ''}</td></tr>"
+            f"<tr><th scope=\"row\"><code>{esc(k)}</code></th><td class=\"num\">{esc(format_value(v))}</td>"
+            f"<td>{esc(h) if h else ''}</td></tr>"
             for k, v, h in rows
         )
         body = (
@@ -530,12 +269,12 @@ def _baselines_html(metrics: Mapping[str, Any], png_dir: Path, viz: Any) -> str:
     cols = preferred + [c for c in cols if c not in preferred]
     if not cols:
         cols = ["consistency", "stability"]
-    head = "".join(f"<th scope=\"col\">{_esc(c)}</th>" for c in cols)
+    head = "".join(f"<th scope=\"col\">{esc(c)}</th>" for c in cols)
     trs = []
     for i, (name, vals) in enumerate(methods):
-        tds = "".join(f"<td class=\"num\">{_esc(format_value(vals.get(c)))}</td>" for c in cols)
+        tds = "".join(f"<td class=\"num\">{esc(format_value(vals.get(c)))}</td>" for c in cols)
         cls = " class=\"ours\"" if i == 0 else ""
-        trs.append(f"<tr{cls}><th scope=\"row\">{_esc(name)}</th>{tds}</tr>")
+        trs.append(f"<tr{cls}><th scope=\"row\">{esc(name)}</th>{tds}</tr>")
     table = (
         "<table class=\"baselines\"><caption class=\"note\">Higher is better for consistency and stability "
         "(percentages).</caption>"
@@ -567,7 +306,7 @@ def _baselines_html(metrics: Mapping[str, Any], png_dir: Path, viz: Any) -> str:
         png = viz.figure_to_png(fig)
         (png_dir / "summary-baselines.png").write_bytes(png)
         alt = "Bar chart comparing phpn with " + ", ".join(n for n, _ in methods[1:]) + " on " + ", ".join(cols)
-        figure = f"<figure><img src=\"{_data_uri(png)}\" alt=\"{_esc(alt)}\"></figure>"
+        figure = f"<figure><img src=\"{data_uri(png)}\" alt=\"{esc(alt)}\"></figure>"
     return f"<section id=\"baselines\"><h2>Comparison with baselines</h2>{table}{figure}</section>"
 
 
@@ -590,21 +329,21 @@ def _why_sentence(name: str, contributions: torch.Tensor, logit: float, labels: 
     return text + ("." if correct else f"; predicted: {pred} instead.")
 
 
-def _class_html(c: int, names: list[str], data: dict[str, Any] | None, head: PartPrototypeHead, signs: torch.Tensor,
+def class_html(c: int, names: list[str], data: dict[str, Any] | None, head: PartPrototypeHead, signs: torch.Tensor,
                 proto_labels: list[str], train_store: Any, train_dataset: Any, gallery_size: int,
                 patch_size: int | None, png_dir: Path, viz: Any, *, alpha: float, cmap: str) -> str:
     name = names[c]
     k = len(proto_labels)
     # "(neg)": the prototype carries its part as negative evidence (its sign is -1); PIL's font has no U+2212.
     marked = [f"{p} (neg)" if float(signs[c, i]) < 0 else p for i, p in enumerate(proto_labels)]
-    out = [f"<section class=\"class\" id=\"class-{c}\"><h2>Class {c}: {_esc(name)}</h2>"]
+    out = [f"<section class=\"class\" id=\"class-{c}\"><h2>Class {c}: {esc(name)}</h2>"]
 
     # Where
     out.append("<h3>Where: prototype heatmaps on test images</h3>")
     if data is None:
         out.append("<p class=\"note\">The test split has no images of this class.</p>")
     else:
-        row_labels = [f"{_short(i)}\npred: {_short(names[p])}" for i, p in zip(data["ids"], data["pred"])]
+        row_labels = [f"{short(i)}\npred: {short(names[p])}" for i, p in zip(data["ids"], data["pred"])]
         png = viz.render_heatmap_grid(data["images"], data["oriented"], row_labels=row_labels, col_labels=marked,
                                       title=f"{name}: oriented heatmaps (colour scale per prototype, 0 .. max)",
                                       alpha=alpha, cmap=cmap, quantize=True)
@@ -612,8 +351,8 @@ def _class_html(c: int, names: list[str], data: dict[str, Any] | None, head: Par
         alt = (f"Heatmaps of class {name}'s {k} prototypes over {len(data['ids'])} test images "
                f"({', '.join(data['ids'])}); rows are images, columns the plain image then prototypes "
                f"{', '.join(proto_labels)}")
-        out.append(f"<figure><img src=\"{_data_uri(png)}\" alt=\"{_esc(alt)}\"><figcaption>Rows: test images of "
-                   f"{_esc(name)} (with the predicted class). Columns: the image, then each prototype's oriented map "
+        out.append(f"<figure><img src=\"{data_uri(png)}\" alt=\"{esc(alt)}\"><figcaption>Rows: test images of "
+                   f"{esc(name)} (with the predicted class). Columns: the image, then each prototype's oriented map "
                    "upsampled to the image. Red = strong, blue = absent.</figcaption></figure>")
 
     # What
@@ -628,7 +367,7 @@ def _class_html(c: int, names: list[str], data: dict[str, Any] | None, head: Par
         (png_dir / f"class-{c:03d}-gallery.png").write_bytes(png)
         alt = (f"Gallery of class {name}: for each prototype {', '.join(proto_labels)}, the "
                f"{max(len(r) for r in gallery)} training patches that activate it most")
-        out.append(f"<figure><img src=\"{_data_uri(png)}\" alt=\"{_esc(alt)}\"><figcaption>Row i: the training "
+        out.append(f"<figure><img src=\"{data_uri(png)}\" alt=\"{esc(alt)}\"><figcaption>Row i: the training "
                    "images of this class where prototype i's oriented map is highest, cropped around the peak "
                    "(one patch per image, best first).</figcaption></figure>")
 
@@ -637,17 +376,17 @@ def _class_html(c: int, names: list[str], data: dict[str, Any] | None, head: Par
     if data is not None:
         n = len(data["ids"])
         png = viz.render_contributions(data["contributions"], bias=data["bias"], logits=data["logits"],
-                                       labels=proto_labels, titles=[_short(i, 24) for i in data["ids"]],
+                                       labels=proto_labels, titles=[short(i, 24) for i in data["ids"]],
                                        title=f"{name}: contributions")
         (png_dir / f"class-{c:03d}-contributions.png").write_bytes(png)
         alt = (f"Bar charts of the {k} prototype contributions and the bias to class {name}'s logit, for test "
                f"images {', '.join(data['ids'])}")
-        out.append(f"<figure><img src=\"{_data_uri(png)}\" alt=\"{_esc(alt)}\"><figcaption>Blue bars add to the "
+        out.append(f"<figure><img src=\"{data_uri(png)}\" alt=\"{esc(alt)}\"><figcaption>Blue bars add to the "
                    "class logit, red bars subtract, grey is the bias; together they give the logit.</figcaption>"
                    "</figure>")
         items = "".join(
-            f"<li><code>{_esc(data['ids'][b])}</code>: "
-            + _esc(_why_sentence(name, data["contributions"][b], float(data["logits"][b]), proto_labels,
+            f"<li><code>{esc(data['ids'][b])}</code>: "
+            + esc(_why_sentence(name, data["contributions"][b], float(data["logits"][b]), proto_labels,
                                  names[data["pred"][b]]))
             + "</li>"
             for b in range(n)

@@ -30,7 +30,7 @@ def test_end_to_end_in_ray_workers_with_exact_logits(phpn_runtime, tmp_path):
     from phpn_core.data.factory import build_dataset
     from phpn_core.data.base import normalize
     from phpn_core.storage.registry import PrototypeRegistry
-    from tasks.prepare import load_classifier
+    from tasks.inputs import load_classifier
 
     cfg = _cfg()
     out = tmp_path / "run"
@@ -166,3 +166,22 @@ def test_unreachable_store_refused_before_compute(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="unreachable") as ei:
         preflight(cfg, tmp_path)
     assert "s3cr3t-value" not in str(ei.value)
+
+
+def test_the_driver_builds_each_dataset_once_per_run(phpn_runtime, tmp_path, monkeypatch):
+    """The pre-flight, the model's training, the class names, the extraction, ProtoEval and the report of one run
+    read the same dataset objects: each split is built once in the driver (Ray workers build their own)."""
+    import phpn_core.data.factory as factory
+    from flows.decompose import decompose_flow
+
+    built: list[str] = []
+    real = factory._build
+
+    def counting(cfg, split):
+        built.append(split)
+        return real(cfg, split)
+
+    monkeypatch.setattr(factory, "_build", counting)
+    m = decompose_flow(_cfg(evaluate={"enabled": True, "baselines": False, "report": True}), str(tmp_path / "run"))
+    assert m["consistency"] is not None and (tmp_path / "run" / "report.html").is_file()
+    assert sorted(built) == ["test", "train"], built
