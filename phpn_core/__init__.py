@@ -8,7 +8,8 @@ Packages (each may import only what is listed; ``tests/test_architecture.py`` en
   checkpoint loading, the synthparts CNN. May import method, data, storage, config, errors.
 - :mod:`phpn_core.data`: datasets (synthparts, CUB-200-2011 layout, ImageFolder, Fashion-MNIST).
 - :mod:`phpn_core.storage`: URIs, the Zarr feature store, chunk I/O, tensor files, the prototype registry.
-- :mod:`phpn_core.extract`: feature extraction into a store.
+- :mod:`phpn_core.extract`: feature extraction into a store (a package: features, schema, contract, pipeline,
+  writer, checks).
 - :mod:`phpn_core.evaluation`: accuracy parity, ProtoEval, faithfulness axioms, baselines, the suite.
 - :mod:`phpn_core.report`: figures, the HTML report, single-image explanation.
 - :mod:`phpn_core.config`, :mod:`phpn_core.errors`: the run config model and the error types.

@@ -2,7 +2,9 @@
 
 - :mod:`~phpn_core.models.split`: :func:`split_classifier`, :func:`verify_split`, :func:`supported_architectures`;
   dispatches to one adapter module per backbone family:
-- :mod:`~phpn_core.models.extractor`: :class:`FeatureExtractor` and the checks every adapter shares;
+- :mod:`~phpn_core.models.arch_names`: the architecture tables (a leaf: the adapters, the checks and the dispatch
+  all stand on it, so nothing imports back up);
+- :mod:`~phpn_core.models.extractor`: :class:`FeatureExtractor` and the checks every adapter shares (public names);
 - :mod:`~phpn_core.models.torchvision_cnn`: ResNet, DenseNet, MobileNet V2/V3, EfficientNet, ConvNeXt, VGG-GAP;
 - :mod:`~phpn_core.models.torchvision_transformers`: Swin v1/v2 (CLS-token ViTs refused, with the fix);
 - :mod:`~phpn_core.models.timm_adapter`: timm models through timm's own API (timm imported only when used);
