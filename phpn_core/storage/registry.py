@@ -52,6 +52,8 @@ from phpn_core.storage.registry_format import (
     ARRAYS_OBJECT,
     ENTRY_FORMAT,
     HEAD_OBJECT,
+    PROTOPNET_FORMAT,
+    PROTOPNET_OBJECT,
     REQUIRED_TENSORS,
     VERSION_RE,
     EntryInfo,
@@ -63,6 +65,7 @@ from phpn_core.storage.registry_format import (
     decomposition_tensors,
     digest12,
     mtime,
+    safetensors_metadata,
     slug,
 )
 from phpn_core.storage.registry_publishing import RegistryPublishing
@@ -136,6 +139,7 @@ class PrototypeRegistry(RegistryPublishing):
         """The published head of ``entry_id`` (prototypes ``[C, k, D]``, bias ``[C]``, signs ``[C, k]``) on
         ``device``, and its :class:`EntryInfo`. The object's sha256 is verified before it is parsed; nothing is
         unpickled."""
+        self._require_kind(entry_id, "phpn", "load")
         info, data = self._read_object(entry_id, HEAD_OBJECT)
         with tempfile.TemporaryDirectory(prefix="phpn-registry-") as tmp:
             path = os.path.join(tmp, HEAD_OBJECT)
@@ -158,6 +162,7 @@ class PrototypeRegistry(RegistryPublishing):
         """The published per-class arrays of ``entry_id`` on ``device``: ``initial [C, k, D]``, ``alpha [C, k]``,
         ``residual [C, k, D]``, ``rel_error [C]``, ``head_error [C]`` and the diagnostics ``[C]``
         (``info.diagnostics``). The prototypes, bias and signs are in :meth:`load`'s head. sha256-verified."""
+        self._require_kind(entry_id, "phpn", "load_arrays")
         info, data = self._read_object(entry_id, ARRAYS_OBJECT)
         try:
             from safetensors.torch import load as st_load
@@ -171,6 +176,34 @@ class PrototypeRegistry(RegistryPublishing):
             raise self._corrupt(info.entry_id, info.version, ARRAYS_OBJECT,
                                 f"it holds {sorted(arrays)}, expected {sorted(expected)}")
         return {n: t.to(device) for n, t in arrays.items()}
+
+    def load_protopnet_tensors(self, entry_id: str) -> tuple[dict[str, torch.Tensor], EntryInfo]:
+        """The tensors of a ProtoPNet entry (kind ``"protopnet"``; :meth:`publish_protopnet`), on the CPU, and its
+        :class:`EntryInfo`; sha256-verified, never unpickled. Rebuild the network with
+        :func:`phpn_core.protopnet.entry.rebuild_protopnet`."""
+        self._require_kind(entry_id, "protopnet", "load_protopnet_tensors")
+        info, data = self._read_object(entry_id, PROTOPNET_OBJECT)
+        try:
+            from safetensors.torch import load as st_load
+
+            tensors = st_load(data)
+            fmt = safetensors_metadata(data).get("format")
+        except Exception as e:
+            raise self._corrupt(info.entry_id, info.version, PROTOPNET_OBJECT,
+                                f"it is not a safetensors file ({brief(e)})") from None
+        if fmt != PROTOPNET_FORMAT:
+            raise self._corrupt(info.entry_id, info.version, PROTOPNET_OBJECT,
+                                f"its format is {fmt!r}, expected {PROTOPNET_FORMAT!r}")
+        return tensors, info
+
+    def _require_kind(self, entry_id: str, kind: str, what: str) -> None:
+        got = self.info(entry_id).kind
+        if got != kind:
+            other = "load_protopnet_tensors" if got == "protopnet" else "load / load_arrays"
+            raise RegistryError(
+                f"{what}: entry {entry_id!r} in the registry at {self.uri} is of kind {got!r}, expected {kind!r} "
+                f"(a {'ProtoPNet baseline has no part-prototype head' if got == 'protopnet' else 'phpn entry holds a head, not a ProtoPNet'}). "
+                f"Fix: read it with {other}.")
 
     # -- removal -------------------------------------------------------------------------------------------------
 

@@ -33,6 +33,10 @@ ARRAYS_FORMAT = "phpn.registry.arrays/1"
 HEAD_OBJECT = "head.safetensors"
 ARRAYS_OBJECT = "arrays.safetensors"
 METRICS_OBJECT = "metrics.json"  # optional: the run's evaluation of this version (record_metrics)
+# A ProtoPNet baseline entry (kind "protopnet"): the whole trained network and its push record, one object.
+PROTOPNET_OBJECT = "protopnet.safetensors"
+PROTOPNET_FORMAT = "phpn.registry.protopnet/1"
+ENTRY_KINDS = ("phpn", "protopnet")
 
 # Per-class tensors that write_classes requires: name -> number of dimensions after the class dimension
 # (prototypes [n, k, D] -> 2, alpha [n, k] -> 1, rel_error [n] -> 0). Any other name is a diagnostic [n].
@@ -88,13 +92,17 @@ class EntryInfo(BaseModel):
     ``n_classes`` = C, ``k``, ``D`` (prototypes ``[C, k, D]``), ``dtype`` of the prototypes. ``version`` names the
     data under ``objects/<entry_id>/<version>/``; ``objects`` maps each data object's file name to its sha256 and
     size. ``diagnostics`` lists the diagnostic arrays (``[C]`` each) in ``arrays.safetensors``.
-    ``max_head_error`` / ``mean_rel_error`` summarise the per-class errors. ``metadata`` is the publisher's
+    ``max_head_error`` / ``mean_rel_error`` summarise the per-class errors. ``kind`` is ``"phpn"`` (a decomposed
+    head: ``head.safetensors`` + ``arrays.safetensors``) or ``"protopnet"`` (an ante-hoc ProtoPNet baseline trained
+    on the same trunk and data: ``protopnet.safetensors``; ``k`` is its prototypes per class, ``D`` their length).
+    ``metadata`` is the publisher's
     (redacted) JSON: by convention ``{"config": {...}, "provenance": {"feature_store": uri, "fingerprint": ...}}``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     format: Literal["phpn.registry.entry/1"] = ENTRY_FORMAT
+    kind: Literal["phpn", "protopnet"] = "phpn"
     entry_id: str = Field(pattern=ID_RE.pattern)
     version: str = Field(pattern=VERSION_RE.pattern)
     created: str
@@ -110,7 +118,7 @@ class EntryInfo(BaseModel):
     mean_rel_error: float | None = None
     phpn_version: str
     metadata: dict[str, Any] = Field(default_factory=dict)
-    objects: dict[Literal["head.safetensors", "arrays.safetensors"], ObjectRef]
+    objects: dict[Literal["head.safetensors", "arrays.safetensors", "protopnet.safetensors"], ObjectRef]
 
 
 # helpers

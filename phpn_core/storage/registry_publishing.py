@@ -23,6 +23,8 @@ from phpn_core.storage.registry_format import (
     ARRAYS_OBJECT,
     HEAD_OBJECT,
     METRICS_OBJECT,
+    PROTOPNET_FORMAT,
+    PROTOPNET_OBJECT,
     REQUIRED_TENSORS,
     SLUG_ID_RE,
     EntryInfo,
@@ -33,6 +35,7 @@ from phpn_core.storage.registry_format import (
     check_classes,
     check_id,
     check_json,
+    check_k,
     check_positive_int,
     digest12,
     fmt_classes,
@@ -209,6 +212,55 @@ class RegistryPublishing(RegistryStaging):
         self._put(self._pointer(entry_id), pointer, f"write the pointer of entry {entry_id!r} to")
         return info
 
+    def publish_protopnet(
+        self,
+        *,
+        model: str,
+        dataset: str,
+        config_digest: str,
+        tensors: Mapping[str, torch.Tensor],
+        n_classes: int,
+        prototypes_per_class: int,
+        prototype_dim: int,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> EntryInfo:
+        """Publish a trained ProtoPNet baseline as an entry of kind ``"protopnet"``: ``tensors`` (its state dict and
+        push record, flat names, as :func:`phpn_core.protopnet.entry.protopnet_tensors` makes them) go into one
+        immutable ``protopnet.safetensors`` under a fresh version, then the pointer is written last (as
+        :meth:`publish` does). The entry id is :meth:`entry_id` of ``(model, dataset, prototypes_per_class,
+        config_digest)``: give ``model`` a name of its own (``"protopnet-<arch>"``) so that it never collides with
+        the phpn entry of the same trunk. ``metadata``: JSON (redacted). Returns the :class:`EntryInfo`.
+        """
+        C = check_positive_int("n_classes", n_classes)
+        m = check_k(prototypes_per_class)
+        d = check_positive_int("prototype_dim", prototype_dim)
+        entry_id = self.entry_id(model, dataset, m, config_digest)
+        meta = self._clean_metadata(metadata)
+        if not isinstance(tensors, Mapping) or not tensors or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+            raise InputValueError(
+                "publish_protopnet: tensors must be a non-empty mapping of names to tensors (the network's state dict "
+                "and push record). Fix: pass phpn_core.protopnet.entry.protopnet_tensors(result).")
+        if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
+            bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+            raise InputValueError(f"publish_protopnet: tensors {bad[:5]} hold NaN/inf: expected a trained, finite "
+                                  "network. Fix: check the training (lower the learning rates).")
+        version = uuid.uuid4().hex
+        data = serialize({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                         {"format": PROTOPNET_FORMAT, "entry_id": entry_id, "version": version})
+        self._put(safe_join(self._version_dir(entry_id, version), PROTOPNET_OBJECT), data,
+                  f"write {PROTOPNET_OBJECT} of entry {entry_id!r} (version {version}) to")
+        info = EntryInfo(
+            kind="protopnet", entry_id=entry_id, version=version,
+            created=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            k=m, n_classes=C, D=d, dtype="float32", phpn_version=phpn_version(), metadata=meta,
+            objects={PROTOPNET_OBJECT: ObjectRef(sha256=hashlib.sha256(data).hexdigest(), size=len(data))},
+            **redact({"model": model, "dataset": dataset, "config_digest": config_digest}, secrets=self._secrets),
+        )
+        self._put(self._pointer(entry_id), info.model_dump_json(indent=2).encode("utf-8"),
+                  f"write the pointer of entry {entry_id!r} to")
+        return info
+
     def record_metrics(self, entry_id: str, metrics: Mapping[str, Any], *, version: str) -> str:
         """Store a run's evaluation of ``version`` of ``entry_id`` beside its data, as
         ``objects/<entry_id>/<version>/metrics.json``, so that whoever reads the registry (``phpn serve``, a
@@ -221,7 +273,8 @@ class RegistryPublishing(RegistryStaging):
         """
         check_id(entry_id)
         vdir = self._version_dir(entry_id, version)
-        if not self._exists(safe_join(vdir, HEAD_OBJECT), f"look up version {version} of entry {entry_id!r} in"):
+        if not any(self._exists(safe_join(vdir, name), f"look up version {version} of entry {entry_id!r} in")
+                   for name in (HEAD_OBJECT, PROTOPNET_OBJECT)):
             raise RegistryError(
                 f"Cannot record metrics for entry {entry_id!r} version {version} in the registry at {self.uri}: "
                 "that version does not exist. Fix: pass the version publish() returned (PrototypeRegistry.info("
