@@ -168,13 +168,7 @@ def create_app(
     def row_of(entry_id: str):
         check_entry_id(entry_id)
         info = data.info(entry_id)
-        metrics, baselines, source = data.metrics(info)
-        from explorer.data import EntryRow
-
-        return EntryRow(entry_id=info.entry_id, model=info.model, dataset=info.dataset, k=info.k,
-                        n_classes=info.n_classes, D=info.D, created=info.created, version=info.version,
-                        run=str(info.metadata.get("run")) if info.metadata.get("run") is not None else None,
-                        metrics=metrics, baselines=baselines, metrics_source=source), info
+        return data.row(info), info
 
     def figure_url(entry_id: str, c: int, kind: str, version: str) -> str:
         return f"/api/entries/{pages.q(entry_id)}/classes/{c}/{kind}.png?v={version[:8]}"
@@ -212,8 +206,7 @@ def create_app(
                 try:
                     c = data.resolve_class(r.entry_id, cls)
                     view = data.class_view(r.entry_id, c)
-                    url = figures_of(r.entry_id, c, view)["gallery"]
-                    per_entry.append((r, view, url, None))
+                    per_entry.append((r, view, figures_of(r.entry_id, c, view), None))
                 except PhpnError as e:
                     per_entry.append((r, None, None, str(e)))
         return rows, per_entry

@@ -31,12 +31,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from explorer.views import ClassView, EntryRow  # re-exported: explorer.data's records
 from phpn_core.errors import InputValueError, PhpnError
 from phpn_core.storage.registry_format import RegistryError
 
@@ -44,7 +44,9 @@ __all__ = ["ExplorerData", "ClassView", "EntryRow", "NotFound", "BadRequest", "c
 
 _ENTRY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 _METRIC_KEYS = ("accuracy_original", "accuracy_decomposed", "max_abs_logit_diff", "max_head_reconstruction_error",
-                "consistency", "stability", "n_test_images")
+                "consistency", "stability", "n_test_images", "accuracy", "accuracy_cnn", "train_seconds")
+
+
 
 
 class NotFound(PhpnError):
@@ -103,85 +105,6 @@ class LRU:
 
     def __len__(self) -> int:
         return len(self._data)
-
-
-@dataclass(frozen=True)
-class EntryRow:
-    """One line of the entries table: the entry's identity and shapes, its metrics (None: unknown) and, for an entry
-    whose pointer cannot be read, ``error``."""
-
-    entry_id: str
-    model: str | None = None
-    dataset: str | None = None
-    k: int | None = None
-    n_classes: int | None = None
-    D: int | None = None
-    created: str | None = None
-    version: str | None = None
-    run: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
-    metrics_source: str | None = None
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"entry_id": self.entry_id, "model": self.model, "dataset": self.dataset, "k": self.k,
-                "n_classes": self.n_classes, "D": self.D, "created": self.created, "version": self.version,
-                "run": self.run, "metrics": self.metrics, "baselines": self.baselines,
-                "metrics_source": self.metrics_source, "error": self.error}
-
-
-@dataclass(frozen=True)
-class ClassView:
-    """What a class page shows for class ``c`` of an entry (k prototypes, n test images shown, h x w maps).
-
-    ``alpha [k]``, ``signs [k]``, ``norms [k]`` (of the refined prototypes), ``rel_error`` (the class's NMF error);
-    ``test_ids`` (n), ``test_logits [n]``, ``test_pred`` (n class indices: the decomposed head's argmax over all
-    classes, equal to the original model's), ``contributions [n, k]``, ``oriented [n, k, h, w]`` (from the stored
-    test features), ``test_images [n, 3, S, S]`` or None (the dataset is not at hand); ``gallery``: k lists of
-    ``(image_id, score, patch [3, p, p] or None)``, best first; ``notes``: what could not be shown and why.
-    """
-
-    entry_id: str
-    c: int
-    name: str
-    bias: float
-    alpha: torch.Tensor
-    signs: torch.Tensor
-    norms: torch.Tensor
-    rel_error: float | None
-    test_ids: list[str]
-    test_logits: torch.Tensor
-    test_pred: list[int]
-    contributions: torch.Tensor
-    oriented: torch.Tensor
-    test_images: torch.Tensor | None
-    gallery: list[list[tuple[str, float, torch.Tensor | None]]]
-    notes: list[str]
-
-    @property
-    def k(self) -> int:
-        return int(self.alpha.shape[0])
-
-    def to_json(self, class_names: list[str]) -> dict[str, Any]:
-        mean_contrib = self.contributions.mean(0).tolist() if self.contributions.shape[0] else [None] * self.k
-        return {
-            "entry_id": self.entry_id, "class": self.c, "name": self.name, "bias": self.bias, "k": self.k,
-            "rel_error": self.rel_error,
-            "prototypes": [
-                {"index": i, "alpha": float(self.alpha[i]), "sign": int(self.signs[i]), "norm": float(self.norms[i]),
-                 "mean_contribution": mean_contrib[i],
-                 "gallery": [{"image_id": g[0], "score": g[1]} for g in self.gallery[i]] if self.gallery else []}
-                for i in range(self.k)
-            ],
-            "test_images": [
-                {"image_id": self.test_ids[b], "logit": float(self.test_logits[b]),
-                 "predicted": self.test_pred[b], "predicted_name": class_names[self.test_pred[b]],
-                 "contributions": [float(v) for v in self.contributions[b]]}
-                for b in range(len(self.test_ids))
-            ],
-            "notes": self.notes,
-        }
 
 
 def _finite_or_none(v: Any) -> Any:
@@ -259,8 +182,12 @@ class ExplorerData:
             info = self.registry.info(entry_id)
         except PhpnError as e:
             return EntryRow(entry_id=entry_id, error=str(e))
+        return self.row(info)
+
+    def row(self, info) -> EntryRow:
+        """The :class:`EntryRow` of an entry's pointer, with its metrics."""
         metrics, baselines, source = self.metrics(info)
-        return EntryRow(entry_id=info.entry_id, model=info.model, dataset=info.dataset, k=info.k,
+        return EntryRow(entry_id=info.entry_id, kind=info.kind, model=info.model, dataset=info.dataset, k=info.k,
                         n_classes=info.n_classes, D=info.D, created=info.created, version=info.version,
                         run=str(info.metadata.get("run")) if info.metadata.get("run") is not None else None,
                         metrics=metrics, baselines=baselines, metrics_source=source)
@@ -465,7 +392,13 @@ class ExplorerData:
     def class_view(self, entry_id: str, c: int) -> ClassView:
         """Class ``c``'s :class:`ClassView` (cached)."""
         info = self.info(entry_id)
-        return self.classes.get_or_make((entry_id, info.version, int(c)), lambda: self._make_class_view(entry_id, c))
+        if info.kind == "protopnet":
+            from explorer.protopnet_view import protopnet_class_view
+
+            make = lambda: protopnet_class_view(self, entry_id, c)  # noqa: E731
+        else:
+            make = lambda: self._make_class_view(entry_id, c)  # noqa: E731
+        return self.classes.get_or_make((entry_id, info.version, int(c)), make)
 
     def _make_class_view(self, entry_id: str, c: int) -> ClassView:
         head, info = self.head(entry_id)
@@ -551,6 +484,10 @@ class ExplorerData:
                          gallery=gallery, notes=notes)
 
     # -- explain ---------------------------------------------------------------------------------------------------
+
+    def cached_model(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` kept in the bounded model cache under ``key`` (rebuilt networks are costly)."""
+        return self._models.get_or_make(key, make)
 
     def entry_model(self, entry_id: str):
         """The entry's :class:`~phpn_core.report.explain.LoadedEntry` (classifier found and verified as

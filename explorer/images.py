@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from explorer.data import ClassView
+from explorer.views import ClassView
 
 __all__ = ["KINDS", "render_class_png", "proto_labels"]
 
@@ -46,13 +46,16 @@ def render_class_png(view: ClassView, kind: str, class_names: list[str]) -> byte
             images = torch.full((n, 3, S, S), _GREY)
         rows = [f"{_short(i)}\npred: {_short(class_names[p])}" for i, p in zip(view.test_ids, view.test_pred)]
         return viz.render_heatmap_grid(images, maps, row_labels=rows, col_labels=labels,
-                                       title=f"{name}: oriented heatmaps (colour scale per prototype, 0 .. max)",
+                                       title=f"{name}: " + ("similarity maps" if view.kind == "protopnet" else
+                                                            "oriented heatmaps") + " (colour scale per prototype, 0 .. max)",
                                        show_image=view.test_images is not None, quantize=True)
     if kind == "gallery":
         if not view.gallery or not any(view.gallery) or any(p is None for row in view.gallery for _, _, p in row):
             return None
         return viz.render_gallery([[p for _, _, p in row] for row in view.gallery], row_labels=labels,
-                                  title=f"{name}: training patches where each prototype peaks", quantize=True)
+                                  title=f"{name}: " + ("the training patch each prototype was pushed onto"
+                                                       if view.kind == "protopnet" else
+                                                       "training patches where each prototype peaks"), quantize=True)
     if kind == "contributions":
         if len(view.test_ids) == 0:
             return None

@@ -139,8 +139,9 @@ def _baselines_text(baselines: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def entries_page(rows: Sequence[Any], *, registry: str) -> str:
-    head_cols = ["", "entry", "model", "dataset", "k", "classes", "D", "created", "acc. original", "acc. decomposed",
-                 "max |logit diff|", "consistency", "stability", "baselines (cons. / stab.)"]
+    head_cols = ["", "entry", "kind", "model", "dataset", "k", "classes", "D", "created", "acc. original",
+                 "acc. decomposed / ProtoPNet", "max |logit diff|", "consistency", "stability",
+                 "baselines (cons. / stab.)"]
     ths = "".join(f"<th class=\"sortable\" scope=\"col\" onclick=\"phpnSort(this)\">{esc(h)}</th>" if h else
                   "<th scope=\"col\">compare</th>" for h in head_cols)
     trs = []
@@ -154,10 +155,11 @@ def entries_page(rows: Sequence[Any], *, registry: str) -> str:
             "<tr class=\"entry\">"
             f"<td><input type=\"checkbox\" name=\"ids\" value=\"{esc(r.entry_id)}\" form=\"compare\" "
             f"aria-label=\"compare {esc(r.entry_id)}\"></td>"
-            f"<td><a href=\"/entries/{q(r.entry_id)}\"><code>{esc(r.entry_id)}</code></a></td>"
+            f"<td><a href=\"/entries/{q(r.entry_id)}\"><code>{esc(r.entry_id)}</code></a></td><td>{esc(r.kind)}</td>"
             f"<td>{esc(r.model)}</td><td>{esc(r.dataset)}</td>{_num(r.k)}{_num(r.n_classes)}{_num(r.D)}"
             f"<td data-v=\"{esc(r.created or '')}\" title=\"{esc(r.created or '')}\" style=\"white-space:nowrap\">{esc((r.created or '')[:10])}</td>"
-            f"{_num(m.get('accuracy_original'))}{_num(m.get('accuracy_decomposed'))}"
+            f"{_num(m.get('accuracy_original', m.get('accuracy_cnn')))}"
+            f"{_num(m.get('accuracy_decomposed', m.get('accuracy')))}"
             f"{_num(m.get('max_abs_logit_diff'), 3)}{_num(m.get('consistency'))}{_num(m.get('stability'))}"
             f"<td class=\"wrap\">{esc(_baselines_text(r.baselines))}</td></tr>"
         )
@@ -172,7 +174,8 @@ def entries_page(rows: Sequence[Any], *, registry: str) -> str:
             f"<div class=\"scroll\"><table id=\"entries\"><thead><tr>{ths}</tr></thead>"
             f"<tbody>{''.join(trs)}</tbody></table></div>"
             "<p class=\"note\">Click a column to sort; type to filter. Accuracy parity: the decomposed head's "
-            "accuracy equals the original's by construction. Consistency and stability: ProtoEval (percent, "
+            "accuracy equals the original's by construction; a <em>protopnet</em> entry is the ante-hoc baseline "
+            "trained on the same trunk and data (its own accuracy beside the trained CNN's). Consistency and stability: ProtoEval (percent, "
             "higher is better). n/a: the run did not record it.</p>"
         )
     body = f"<h1>Registry entries <span class=\"muted\">({len(rows)})</span></h1>{table}"
@@ -293,9 +296,10 @@ def class_page(view: Any, info: Any, class_names: Sequence[str], *, figures: Map
 
 
 def compare_page(rows: Sequence[Any], all_rows: Sequence[Any], *, cls: str | None,
-                 per_entry: Sequence[tuple[Any, Any, str | None, str | None]]) -> str:
-    """``rows``: the compared entries; ``all_rows``: every entry (for the picker); ``per_entry``: for each compared
-    entry ``(row, view or None, gallery URL or None, error or None)`` of class ``cls``."""
+                 per_entry: Sequence[tuple[Any, Any, Mapping[str, str | None] | None, str | None]]) -> str:
+    """``rows``: the compared entries (phpn and ProtoPNet alike); ``all_rows``: every entry (for the picker);
+    ``per_entry``: for each compared entry ``(row, view or None, figure URLs by kind or None, error or None)`` of
+    class ``cls``."""
     chosen = {r.entry_id for r in rows}
     opts = "".join(
         f"<label style=\"display:block\"><input type=\"checkbox\" name=\"ids\" value=\"{esc(r.entry_id)}\""
@@ -310,7 +314,7 @@ def compare_page(rows: Sequence[Any], all_rows: Sequence[Any], *, cls: str | Non
                     "k) and optionally a class.</p>")
         body.append(picker)
         return layout("Compare", "".join(body))
-    keys = ["model", "dataset", "k", "n_classes", "D", "created"]
+    keys = ["kind", "model", "dataset", "k", "n_classes", "D", "created"]
     mkeys = sorted({k for r in rows for k in r.metrics},
                    key=lambda k: ("accuracy_original", "accuracy_decomposed", "max_abs_logit_diff",
                                   "max_head_reconstruction_error", "consistency", "stability").index(k)
@@ -329,16 +333,20 @@ def compare_page(rows: Sequence[Any], all_rows: Sequence[Any], *, cls: str | Non
     body.append(f"<table id=\"compare-metrics\"><thead><tr><th></th>{head}</tr></thead><tbody>{trs}</tbody></table>")
     if cls:
         cards = []
-        for row, view, url, err in per_entry:
+        for row, view, figs, err in per_entry:
             title = f"<h3><code>{esc(row.entry_id)}</code></h3>"
             if err:
                 cards.append(f"<div class=\"card\">{title}<div class=\"error\">{esc(err)}</div></div>")
                 continue
             link = f"/entries/{q(row.entry_id)}/classes/{view.c}"
             alphas = ", ".join(f"p{i} {float(view.alpha[i]):+.3f}" for i in range(view.k))
-            img = (f"<figure><img src=\"{esc(url)}\" alt=\"gallery of {esc(view.name)} in {esc(row.entry_id)}\" "
-                   "loading=\"lazy\"></figure>" if url else
-                   "<p class=\"note\">No gallery pixels for this entry (see its class page).</p>")
+            what = "pushed training patches" if row.kind == "protopnet" else "top training patches"
+            img = "".join(
+                f"<figure><img src=\"{esc(url)}\" alt=\"{esc(kind)} of {esc(view.name)} in {esc(row.entry_id)}\" "
+                f"loading=\"lazy\"><figcaption>{esc(caption)}</figcaption></figure>" if url else
+                f"<p class=\"note\">No {esc(kind)} for this entry (see its class page).</p>"
+                for kind, caption in (("gallery", f"what: {what}"), ("heatmaps", "where: on the class's test images"))
+                for url in [(figs or {}).get(kind)])
             cards.append(f"<div class=\"card\">{title}<p><a href=\"{esc(link)}\">class {view.c}: "
                          f"{esc(view.name)}</a> (k = {view.k}; alpha: {esc(alphas)})</p>{img}</div>")
         body.append(f"<h2>Class {esc(cls)}: prototypes side by side</h2><div class=\"cols\">{''.join(cards)}</div>")

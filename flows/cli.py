@@ -1,4 +1,4 @@
-"""The `phpn` command line: demo, run, sweep, explain, registry, cluster."""
+"""The `phpn` command line: demo, run, sweep, decompose, baseline, explain, registry, serve, cluster."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ app = typer.Typer(help="phpn: post-hoc part-prototype networks at cluster scale.
                   add_completion=False, pretty_exceptions_enable=False)
 registry_app = typer.Typer(help="Inspect a prototype registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
+baseline_app = typer.Typer(help="Train a baseline on the run's trunk and data; publish it beside phpn's entries.",
+                           no_args_is_help=True)
+app.add_typer(baseline_app, name="baseline")
 cluster_app = typer.Typer(help="A local cluster: Prefect server + worker, two Ray nodes (see infra/).",
                           no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
@@ -218,6 +221,52 @@ def decompose_store(
     except PhpnError as e:
         _fail(str(e))
     _summary(metrics, out, t0)
+
+
+@baseline_app.command("protopnet")
+def baseline_protopnet(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="run config YAML (configs/demo.yaml); its "
+                                  "protopnet: section sets m, d, epochs, batch size, seed"),
+    out: Path = typer.Option(..., "--out", help="run directory: model/, registry/ (shared with `phpn run`), "
+                             "protopnet_metrics.json"),
+    epochs: Optional[str] = typer.Option(None, "--epochs", help="WARM,JOINT,LAST epochs, overriding the config "
+                                         "(e.g. 2,6,10 for a quick look)"),
+) -> None:
+    """ProtoPNet (Chen et al. 2019) trained on the same trunk (initialised from the model's trained weights) and
+    data that `phpn run` decomposes, scored by the same ProtoEval code, published to the registry as an entry of
+    kind "protopnet": `phpn serve` lists it beside phpn's entries and /compare shows both for a class."""
+    from phpn_core.config import load_config
+    from phpn_core.errors import PhpnError
+
+    t0 = time.perf_counter()
+    over: dict = {}
+    if epochs is not None:
+        try:
+            warm, joint, last = (int(v) for v in epochs.split(","))
+        except ValueError:
+            _fail(f"--epochs must be three integers WARM,JOINT,LAST (e.g. 2,6,10); got {epochs!r}.")
+        over["protopnet"] = {"warm_epochs": warm, "joint_epochs": joint, "last_layer_epochs": last}
+    try:
+        cfg = load_config(config, **over)  # deep-merged: the config's other protopnet keys stay
+        quiet_environment()
+        from flows.baseline import protopnet_flow
+        from flows.runtime import prefect_server
+
+        with prefect_server() as (url, started, _):
+            console.print(f"Prefect API: {url} ({'temporary server' if started else 'configured'})")
+            metrics = protopnet_flow(cfg, str(out))
+    except PhpnError as e:
+        _fail(str(e))
+    table = Table(title=f"ProtoPNet baseline {metrics['entry_id']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in ("accuracy", "accuracy_cnn", "consistency", "stability", "prototypes_per_class", "train_seconds",
+              "seconds"):
+        v = metrics.get(k)
+        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    console.print(f"metrics:  {out / 'protopnet_metrics.json'}\nregistry: {metrics['registry']}  "
+                  f"(phpn serve --registry {metrics['registry']})\nwall time {time.perf_counter() - t0:.1f} s")
 
 
 @app.command()

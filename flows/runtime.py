@@ -75,8 +75,18 @@ def prefect_server() -> Iterator[tuple[str, bool, float]]:
                 yield server.api_url, True, took
             finally:
                 os.environ.pop("PREFECT_API_URL", None)
+                _drain_api_logs()  # while the server still answers: queued run logs reach it, not stderr
     finally:
         server.stop()
+
+
+def _drain_api_logs() -> None:
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    except Exception:  # noqa: BLE001 - best effort: never mask the run's own outcome
+        pass
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from phpn_core.storage.uri import parse_uri
 
 __all__ = [
     "ModelConfig", "DatasetConfig", "DecomposeConfig", "ComputeConfig", "StorageConfig", "EvalConfig",
+    "ProtoPNetRunConfig",
     "RunConfig", "SweepConfig", "load_config", "load_sweep", "format_validation_error",
 ]
 
@@ -186,6 +187,24 @@ class EvalConfig(_Frozen):
     report: bool = True
 
 
+class ProtoPNetRunConfig(_Frozen):
+    """The ProtoPNet baseline (``phpn baseline protopnet``): trained on the run's trunk and data. A key left None
+    takes :class:`phpn_core.protopnet.train.ProtoPNetConfig`'s default (the official recipe, epochs scaled for a
+    CPU run; see that module for every deviation)."""
+
+    prototypes_per_class: int | None = Field(default=None, ge=1, description="m (official: 10)")
+    prototype_dim: int | None = Field(default=None, ge=1, description="d (official: 128)")
+    warm_epochs: int | None = Field(default=None, ge=0)
+    joint_epochs: int | None = Field(default=None, ge=0)
+    last_layer_epochs: int | None = Field(default=None, ge=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    seed: int = Field(default=0, ge=0, description="initialisation, shuffling and augmentation")
+
+    def options(self) -> dict[str, Any]:
+        """The keys that are set, as ProtoPNetConfig keywords (``seed`` excluded)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None and k != "seed"}
+
+
 class RunConfig(_Frozen):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     model: ModelConfig = ModelConfig()
@@ -194,11 +213,18 @@ class RunConfig(_Frozen):
     compute: ComputeConfig = ComputeConfig()
     storage: StorageConfig = StorageConfig()
     evaluate: EvalConfig = EvalConfig()
+    protopnet: ProtoPNetRunConfig = ProtoPNetRunConfig()
 
     def digest(self) -> str:
         """Digest of what determines the prototypes (model, data, decomposition), not of compute or storage."""
-        ident = {"model": self.model.model_dump(), "dataset": self.dataset.model_dump(),
-                 "decompose": self.decompose.model_dump()}
+        return self._digest_of({"decompose": self.decompose.model_dump()})
+
+    def protopnet_digest(self) -> str:
+        """Digest of what determines a ProtoPNet baseline: model, data and the ``protopnet`` section."""
+        return self._digest_of({"kind": "protopnet", "protopnet": self.protopnet.model_dump()})
+
+    def _digest_of(self, method: dict[str, Any]) -> str:
+        ident = {"model": self.model.model_dump(), "dataset": self.dataset.model_dump(), **method}
         if self.model.checkpoint:
             ident["checkpoint_sha256"] = _file_sha256(self.model.checkpoint)
         if self.dataset.class_map:

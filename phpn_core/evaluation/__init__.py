@@ -1,7 +1,8 @@
 """How good a decomposition is: numbers and tensors only (drawing them is :mod:`phpn_core.report`'s job).
 
 - :mod:`~phpn_core.evaluation.parity`: accuracy parity of the decomposed head, head reconstruction error;
-- :mod:`~phpn_core.evaluation.protoeval`: ProtoEval consistency and stability (Huang et al., ICCV 2023);
+- :mod:`~phpn_core.evaluation.protoeval`: ProtoEval consistency and stability (Huang et al., ICCV 2023), of a
+  head (``protoeval``) or of any model's prototype maps (``protoeval_maps``);
 - :mod:`~phpn_core.evaluation.faithfulness`: completeness, sensitivity, linearity, symmetry as measured numbers;
 - :mod:`~phpn_core.evaluation.baselines`: plain NMF, Deep Feature Factorization, Grad-CAM on the same images;
 - :mod:`~phpn_core.evaluation.suite`: all of the above as one JSON-ready summary.
@@ -27,12 +28,14 @@ from phpn_core.evaluation.protoeval import (
     part_coverage,
     peak_locations,
     protoeval,
+    protoeval_maps,
     stability,
 )
 
 __all__ = [
     "accuracy_parity", "head_reconstruction_error",
     "box_half_size_px", "peak_locations", "part_coverage", "consistency", "stability", "protoeval",
+    "protoeval_maps",
     "ConsistencyResult", "StabilityResult", "ClassProtoEval", "ProtoEvalResult",
     "completeness_error", "sensitivity_check", "linearity_check", "symmetry_check", "channel_attributions",
 ]

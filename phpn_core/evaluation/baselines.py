@@ -36,7 +36,7 @@ from phpn_core.evaluation._checks import (
     _require_tensor,
     _resolve_norm,
 )
-from phpn_core.evaluation.protoeval import _class_indices, _load_batch, part_coverage
+from phpn_core.evaluation.protoeval import class_indices, load_batch, part_coverage
 
 __all__ = [
     "plain_nmf_prototypes", "dff_factorize", "dff_concepts", "DFFResult", "gradcam_heatmaps",
@@ -162,7 +162,7 @@ def dff_concepts(
                               f"phpn_core.data.base's contract.")
     dev = _module_device(features_module, device)
     mean, std = _resolve_norm(mean, std, dataset, who)
-    classes, by_class = _class_indices(dataset, classes, n_classes, who)
+    classes, by_class = class_indices(dataset, classes, n_classes, who)
     out = None
     with torch.no_grad():
         for c in classes:
@@ -282,13 +282,13 @@ def gradcam_keypoint_hit(
     _require_tensor(f"{who}: weight", weight, 2, "[C, D]")
     dev = _module_device(model_features, device)
     mean, std = _resolve_norm(mean, std, dataset, who)
-    classes, by_class = _class_indices(dataset, classes, weight.shape[0], who)
+    classes, by_class = class_indices(dataset, classes, weight.shape[0], who)
     covs, vis, labs, order = [], [], [], []
     for c in classes:
         idx = by_class[c]
         for s in range(0, len(idx), batch_size):
             bidx = idx[s : s + batch_size]
-            images, kps = _load_batch(dataset, bidx, who)
+            images, kps = load_batch(dataset, bidx, who)
             x = normalize(images, mean, std).to(dev)
             cams = gradcam_heatmaps(model_features, weight, bias, x, torch.full((len(bidx),), c, dtype=torch.long))
             cov = part_coverage(cams[:, None], kps.to(cams.device), image_size=tuple(images.shape[-2:]),

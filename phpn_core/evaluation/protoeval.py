@@ -14,6 +14,8 @@ Networks", ICCV 2023; protocol of the reference code ``hqhQAQ/EvalProtoPNet``, `
       input; per prototype, the fraction of images whose covered-part vector ``[P]`` is unchanged. Score = mean
       over prototypes x 100.
 
+    The loop takes any map function (:func:`protoeval_maps`); :func:`protoeval` gives it a head's oriented maps.
+
     Protocol decisions (where the reference code is silent or CUB-specific):
 
     - Keypoints are float pixel coordinates of the returned image, ``x`` = column, ``y`` = row, in the same pixel
@@ -54,7 +56,7 @@ from phpn_core.evaluation._checks import (
 )
 from phpn_core.method.head import PartPrototypeHead
 
-__all__ = ['box_half_size_px', 'peak_locations', 'part_coverage', 'consistency', 'stability', 'protoeval', 'ConsistencyResult', 'StabilityResult', 'ClassProtoEval', 'ProtoEvalResult', 'UPSAMPLE_MODES']
+__all__ = ['box_half_size_px', 'peak_locations', 'part_coverage', 'consistency', 'stability', 'protoeval', 'protoeval_maps', 'ConsistencyResult', 'StabilityResult', 'ClassProtoEval', 'ProtoEvalResult', 'UPSAMPLE_MODES']
 
 
 UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
@@ -316,7 +318,7 @@ def _dataset_labels(dataset) -> list[int]:
     return [int(v) for v in labels]
 
 
-def _load_batch(dataset, indices: Sequence[int], who: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load_batch(dataset, indices: Sequence[int], who: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``[B, 3, H, W]`` in [0, 1] and keypoints ``[B, P, 3]`` of the given dataset items."""
     images, kps = [], []
     for i in indices:
@@ -337,7 +339,7 @@ def _load_batch(dataset, indices: Sequence[int], who: str) -> tuple[torch.Tensor
     return torch.stack(images), torch.stack(kps)
 
 
-def _class_indices(dataset, classes, n_classes: int, who: str) -> tuple[list[int], dict[int, list[int]]]:
+def class_indices(dataset, classes, n_classes: int, who: str) -> tuple[list[int], dict[int, list[int]]]:
     labels = _dataset_labels(dataset)
     if classes is None:
         classes = list(range(n_classes))
@@ -372,6 +374,145 @@ def _noise_like(x: torch.Tensor, indices: Sequence[int], *, seed: int, noise_std
     return noise.clamp(-noise_clip, noise_clip).to(x.device, x.dtype)
 
 
+def _check_common(who: str, *, batch_size, noise_std, noise_clip, seed, upsample, threshold, box_half_size,
+                  box_reference_size) -> tuple[float, float]:
+    """Validate the options :func:`protoeval` and :func:`protoeval_maps` share; returns (noise_std, noise_clip)."""
+    _require_pos_int("batch_size", batch_size, "e.g. batch_size=64")
+    noise_std = _require_float("noise_std", noise_std, hint="ProtoEval uses 0.2.")
+    noise_clip = _require_float("noise_clip", noise_clip, hint="ProtoEval uses 0.25.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputValueError(f"{who}: seed must be an int >= 0; got {seed!r}.")
+    if upsample not in UPSAMPLE_MODES:
+        raise InputValueError(f"{who}: upsample must be one of {UPSAMPLE_MODES}; got {upsample!r}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise InputValueError(f"{who}: threshold must be in (0, 1]; got {threshold!r} (ProtoEval uses 0.8).")
+    box_half_size_px(224, box_half_size=box_half_size, box_reference_size=box_reference_size)  # validate early
+    return noise_std, noise_clip
+
+
+def protoeval_maps(
+    maps_fn,
+    dataset,
+    *,
+    n_classes: int,
+    classes: Sequence[int] | None = None,
+    mean=None,
+    std=None,
+    noise_std: float = 0.2,
+    noise_clip: float = 0.25,
+    seed: int = 0,
+    threshold: float = 0.8,
+    box_half_size: float = 36,
+    box_reference_size: int | None = 224,
+    upsample: str = "bilinear",
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+) -> ProtoEvalResult:
+    """ProtoEval consistency and stability of any part-prototype model, given by its class maps.
+
+    The one ProtoEval loop: :func:`protoeval` (phpn's heads, the NMF/DFF baselines) and ante-hoc models such as
+    :mod:`phpn_core.protopnet` go through it. For each class c, its images are normalised and ``maps_fn(x, c)``
+    gives class c's k maps, scored as in :func:`protoeval` (clean: consistency; with the noise: stability).
+
+    Args:
+        maps_fn: ``maps_fn(x, c) -> [B, k, h, w]`` float: normalised images ``x [B, 3, S, S]`` (on ``device``) and a
+            class index ``c`` -> one map per image and prototype of class c, *higher where the prototype is*
+            (phpn: oriented heatmaps; ProtoPNet: similarity maps), the same k for every class. Called under
+            ``torch.no_grad()``; put modules in eval mode first.
+        dataset: the test set, following :mod:`phpn_core.data.base`'s contract with ``keypoints``.
+        n_classes: the model's number of classes C (``classes`` are checked against it).
+        classes: the classes to evaluate (default all C); each must have images in ``dataset``.
+        mean, std: normalisation (default ``dataset.mean``/``dataset.std``).
+        noise_std, noise_clip, seed: the stability noise (seeded per image, see the module docstring).
+        threshold: consistency threshold.
+        box_half_size, box_reference_size, upsample: the box, see :func:`part_coverage`.
+        device: where the images are put before ``maps_fn`` sees them (default: the CPU).
+        batch_size: images per call of ``maps_fn``.
+
+    Returns :class:`ProtoEvalResult` (its ``[C', k]`` tensors stack the classes: the same k for every class).
+
+    Raises ShapeError when ``maps_fn`` returns other than ``[B, k, h, w]`` or k changes between calls.
+    """
+    who = "protoeval_maps"
+    if not callable(maps_fn):
+        raise TypeError(f"{who}: maps_fn must be callable (x [B, 3, S, S], c) -> [B, k, h, w]; got {maps_fn!r:.60}.")
+    _require_pos_int("n_classes", n_classes, "pass the model's number of classes C.")
+    noise_std, noise_clip = _check_common(
+        who, batch_size=batch_size, noise_std=noise_std, noise_clip=noise_clip, seed=seed, upsample=upsample,
+        threshold=threshold, box_half_size=box_half_size, box_reference_size=box_reference_size)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    mean, std = _resolve_norm(mean, std, dataset, who)
+    classes, by_class = class_indices(dataset, classes, n_classes, who)
+    return _run(maps_fn, dataset, classes, by_class, who=who, dev=dev, mean=mean, std=std, noise_std=noise_std,
+                noise_clip=noise_clip, seed=seed, threshold=threshold, box_half_size=box_half_size,
+                box_reference_size=box_reference_size, upsample=upsample, batch_size=batch_size)
+
+
+def _run(maps_fn, dataset, classes, by_class, *, who, dev, mean, std, noise_std, noise_clip, seed, threshold,
+         box_half_size, box_reference_size, upsample, batch_size) -> ProtoEvalResult:
+    """The ProtoEval loop over validated inputs (see :func:`protoeval_maps`)."""
+
+    def coverage(x: torch.Tensor, c: int, kps: torch.Tensor, size, k_expected) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = maps_fn(x, c)  # [B, k, h, w]
+        if not isinstance(maps, torch.Tensor) or maps.ndim != 4 or maps.shape[0] != x.shape[0]:
+            raise ShapeError(
+                f"{who}: maps_fn(x, c={c}) must return a tensor [B={x.shape[0]}, k, h, w] (one map per image and "
+                f"prototype of class c); got {_desc(maps)}. Fix: return the class's prototype maps, e.g. "
+                f"maps[:, None] for a single prototype."
+            )
+        if k_expected is not None and maps.shape[1] != k_expected:
+            raise ShapeError(f"{who}: maps_fn(x, c={c}) returned k={maps.shape[1]} maps, earlier k={k_expected}; "
+                             f"expected the same number of prototype maps for every batch and class.")
+        peaks = peak_locations(maps, image_size=size, upsample=upsample)  # [B, k, 2]
+        hy, hx = box_half_size_px(size, box_half_size=box_half_size, box_reference_size=box_reference_size)
+        cov = _covered_from_peaks(peaks, kps, size[0], size[1], hy, hx)
+        return cov.cpu(), peaks.cpu()
+
+    per_class: list[ClassProtoEval] = []
+    sizes: set = set()
+    k_seen = None
+    with torch.no_grad():
+        for c in classes:
+            idx = by_class[c]
+            covs, covs_noisy, vis, peaks = [], [], [], []
+            for s in range(0, len(idx), batch_size):
+                bidx = idx[s : s + batch_size]
+                images, kps = load_batch(dataset, bidx, who)
+                size = tuple(images.shape[-2:])
+                sizes.add(size)
+                x = normalize(images, mean, std).to(dev)
+                cov, pk = coverage(x, c, kps, size, k_seen)
+                k_seen = cov.shape[1]
+                noisy = x + _noise_like(x, bidx, seed=seed, noise_std=noise_std, noise_clip=noise_clip)
+                cov_n, _ = coverage(noisy, c, kps, size, k_seen)
+                covs.append(cov)
+                covs_noisy.append(cov_n)
+                vis.append(kps[..., 2] > 0.5)
+                peaks.append(pk)
+            covered, covered_noisy, visible = torch.cat(covs), torch.cat(covs_noisy), torch.cat(vis)
+            per_class.append(ClassProtoEval(
+                class_index=c, image_indices=list(idx), covered=covered, covered_noisy=covered_noisy,
+                visible=visible, peaks=torch.cat(peaks),
+                consistency=consistency(covered, visible, threshold=threshold),
+                stability=stability(covered, covered_noisy),
+            ))
+    consistent = torch.stack([r.consistency.per_prototype for r in per_class])
+    stable = torch.stack([r.stability.per_prototype for r in per_class])
+    part_rate = torch.stack([r.consistency.per_prototype_part_rate for r in per_class])
+    size_list = sorted(sizes)
+    return ProtoEvalResult(
+        consistency=float(consistent.double().mean() * 100), stability=float(stable.mean() * 100),
+        classes=classes, consistent=consistent, part_rate=part_rate, stable_fraction=stable, per_class=per_class,
+        settings={
+            "threshold": float(threshold), "noise_std": noise_std, "noise_clip": noise_clip, "seed": seed,
+            "box_half_size": float(box_half_size), "box_reference_size": box_reference_size,
+            "box_half_size_px": [list(box_half_size_px(s, box_half_size=box_half_size,
+                                                        box_reference_size=box_reference_size)) for s in size_list],
+            "image_size": [list(s) for s in size_list], "upsample": upsample,
+        },
+    )
+
+
 def protoeval(
     features_module,
     head: PartPrototypeHead,
@@ -400,6 +541,9 @@ def protoeval(
     ``clip(N(0, noise_std), +-noise_clip)`` added to the *normalised* input give the noisy coverage, and
     :func:`stability` compares the two. See the module docstring for the protocol and its decisions.
 
+    A thin wrapper of :func:`protoeval_maps` with the head's maps as ``maps_fn``
+    (``maps_fn(x, c) = head.explain(features_module(x), classes=[c]).oriented_heatmaps[:, 0]``).
+
     Args:
         features_module: normalised images ``[B, 3, S, S]`` -> feature maps ``[B, D, h, w]``, in eval mode.
         head: the :class:`PartPrototypeHead` (C classes, k prototypes, D channels).
@@ -423,16 +567,9 @@ def protoeval(
     if not isinstance(head, PartPrototypeHead):
         raise TypeError(f"{who}: head must be a PartPrototypeHead; got {type(head).__name__}.")
     _check_eval_mode(features_module, who)
-    _require_pos_int("batch_size", batch_size, "e.g. batch_size=64")
-    noise_std = _require_float("noise_std", noise_std, hint="ProtoEval uses 0.2.")
-    noise_clip = _require_float("noise_clip", noise_clip, hint="ProtoEval uses 0.25.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputValueError(f"{who}: seed must be an int >= 0; got {seed!r}.")
-    if upsample not in UPSAMPLE_MODES:
-        raise InputValueError(f"{who}: upsample must be one of {UPSAMPLE_MODES}; got {upsample!r}.")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise InputValueError(f"{who}: threshold must be in (0, 1]; got {threshold!r} (ProtoEval uses 0.8).")
-    box_half_size_px(224, box_half_size=box_half_size, box_reference_size=box_reference_size)  # validate early
+    noise_std, noise_clip = _check_common(
+        who, batch_size=batch_size, noise_std=noise_std, noise_clip=noise_clip, seed=seed, upsample=upsample,
+        threshold=threshold, box_half_size=box_half_size, box_reference_size=box_reference_size)
     dev = _module_device(features_module, device)
     C, _, D = head.prototypes.shape
     if prototypes_override is not None:
@@ -448,56 +585,15 @@ def protoeval(
         ev_head = _head_on(head, dev)
     dtype = ev_head.prototypes.dtype
     mean, std = _resolve_norm(mean, std, dataset, who)
-    classes, by_class = _class_indices(dataset, classes, C, who)
+    classes, by_class = class_indices(dataset, classes, C, who)
 
-    def coverage(x: torch.Tensor, c: int, kps: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = features_module(x).to(dtype)
-        ex = ev_head.explain(fmap, classes=[c])
-        maps = (ex.oriented_heatmaps if use_oriented else ex.heatmaps)[:, 0]  # [B, k, h, w]
-        peaks = peak_locations(maps, image_size=size, upsample=upsample)  # [B, k, 2]
-        hy, hx = box_half_size_px(size, box_half_size=box_half_size, box_reference_size=box_reference_size)
-        cov = _covered_from_peaks(peaks, kps, size[0], size[1], hy, hx)
-        return cov.cpu(), peaks.cpu()
+    def maps_fn(x: torch.Tensor, c: int) -> torch.Tensor:
+        ex = ev_head.explain(features_module(x).to(dtype), classes=[c])
+        return (ex.oriented_heatmaps if use_oriented else ex.heatmaps)[:, 0]  # [B, k, h, w]
 
-    per_class: list[ClassProtoEval] = []
-    sizes: set = set()
-    with torch.no_grad():
-        for c in classes:
-            idx = by_class[c]
-            covs, covs_noisy, vis, peaks = [], [], [], []
-            for s in range(0, len(idx), batch_size):
-                bidx = idx[s : s + batch_size]
-                images, kps = _load_batch(dataset, bidx, who)
-                size = tuple(images.shape[-2:])
-                sizes.add(size)
-                x = normalize(images, mean, std).to(dev)
-                cov, pk = coverage(x, c, kps, size)
-                noisy = x + _noise_like(x, bidx, seed=seed, noise_std=noise_std, noise_clip=noise_clip)
-                cov_n, _ = coverage(noisy, c, kps, size)
-                covs.append(cov)
-                covs_noisy.append(cov_n)
-                vis.append(kps[..., 2] > 0.5)
-                peaks.append(pk)
-            covered, covered_noisy, visible = torch.cat(covs), torch.cat(covs_noisy), torch.cat(vis)
-            per_class.append(ClassProtoEval(
-                class_index=c, image_indices=list(idx), covered=covered, covered_noisy=covered_noisy,
-                visible=visible, peaks=torch.cat(peaks),
-                consistency=consistency(covered, visible, threshold=threshold),
-                stability=stability(covered, covered_noisy),
-            ))
-    consistent = torch.stack([r.consistency.per_prototype for r in per_class])
-    stable = torch.stack([r.stability.per_prototype for r in per_class])
-    part_rate = torch.stack([r.consistency.per_prototype_part_rate for r in per_class])
-    size_list = sorted(sizes)
-    return ProtoEvalResult(
-        consistency=float(consistent.double().mean() * 100), stability=float(stable.mean() * 100),
-        classes=classes, consistent=consistent, part_rate=part_rate, stable_fraction=stable, per_class=per_class,
-        settings={
-            "threshold": float(threshold), "noise_std": noise_std, "noise_clip": noise_clip, "seed": seed,
-            "box_half_size": float(box_half_size), "box_reference_size": box_reference_size,
-            "box_half_size_px": [list(box_half_size_px(s, box_half_size=box_half_size,
-                                                        box_reference_size=box_reference_size)) for s in size_list],
-            "image_size": [list(s) for s in size_list], "upsample": upsample, "use_oriented": bool(use_oriented),
-            "prototypes": "override" if prototypes_override is not None else "head",
-        },
-    )
+    res = _run(maps_fn, dataset, classes, by_class, who=who, dev=dev, mean=mean, std=std, noise_std=noise_std,
+               noise_clip=noise_clip, seed=seed, threshold=threshold, box_half_size=box_half_size,
+               box_reference_size=box_reference_size, upsample=upsample, batch_size=batch_size)
+    res.settings.update({"use_oriented": bool(use_oriented),
+                         "prototypes": "override" if prototypes_override is not None else "head"})
+    return res

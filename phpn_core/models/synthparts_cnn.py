@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from phpn_core.data.base import normalize
 from phpn_core.errors import InputValueError, ShapeError, StoreError
+from phpn_core.progress import StepProgress
 
 __all__ = ["SynthPartsCNN", "train_synthparts_cnn", "evaluate_accuracy", "save_model", "load_model"]
 
@@ -199,7 +200,7 @@ def train_classifier(
              if total_steps >= 8 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     loss_fn = nn.CrossEntropyLoss()
 
-    bar = _Progress(enabled=progress, total=epochs * steps_per_epoch, description=description)
+    bar = StepProgress(enabled=progress, total=epochs * steps_per_epoch, description=description)
     with bar:
         model.train()
         for epoch in range(epochs):
@@ -227,40 +228,6 @@ def train_classifier(
                 bar.advance(f"epoch {epoch + 1}/{epochs} loss {loss_sum / total:.3f} acc {correct / total:.3f}")
     model.eval()
     return model
-
-
-class _Progress:
-    """A rich progress bar that does nothing when disabled."""
-
-    def __init__(self, *, enabled: bool, total: int, description: str) -> None:
-        self.enabled, self.total, self.description = enabled, total, description
-        self._p = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self._p = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[status]}"), transient=False,
-            )
-            self._p.__enter__()
-            self._task = self._p.add_task(self.description, total=self.total, status="")
-        return self
-
-    def advance(self, status: str) -> None:
-        if self._p is not None:
-            self._p.update(self._task, advance=1, status=status)
-
-    def __exit__(self, *exc) -> None:
-        if self._p is not None:
-            self._p.__exit__(*exc)
 
 
 @torch.no_grad()

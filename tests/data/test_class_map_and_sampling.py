@@ -117,9 +117,9 @@ def test_max_per_class_is_in_the_store_identity(tmp_path):
     assert len(build_dataset(load_config(None, dataset={"kind": "imagefolder", "root": str(root),
                                                         "max_per_class": 1}).dataset, "test")) == 4
     # The pre-flight image check looks at the sampled files only.
-    from tasks.prepare import _image_paths
+    from tasks.inputs import image_paths
 
-    assert [p.relative_to(root / "train").as_posix() for p in _image_paths(s3)] == s3.image_ids
+    assert [p.relative_to(root / "train").as_posix() for p in image_paths(s3)] == s3.image_ids
 
 
 def test_class_names_for_run():

@@ -497,8 +497,8 @@ def test_pages_in_headless_chromium_load_with_every_image(run, server, browser):
     _assert_not_blank(browser.screenshot())
     # sorting by k and filtering work in the browser
     browser.eval("Array.from(document.querySelectorAll('th.sortable')).find(t => t.textContent.trim() === 'k')"
-                 ".click()")
-    ks = browser.eval("Array.from(document.querySelectorAll('tr.entry')).map(r => r.cells[4].textContent)")
+                 ".click()")  # cells: compare, entry, kind, model, dataset, k
+    ks = browser.eval("Array.from(document.querySelectorAll('tr.entry')).map(r => r.cells[5].textContent)")
     assert ks == ["2", "3"]
     browser.eval("var f = document.getElementById('filter'); f.value = 'k3'; f.dispatchEvent(new Event('input'))")
     assert browser.eval("document.querySelectorAll('tr.entry:not(.hidden)').length") == 1

@@ -129,7 +129,8 @@ def test_the_run_tasks_use_weights_by_name(torch_home, mobilenet_1000, tmp_path)
     from PIL import Image
 
     from phpn_core.config import load_config
-    from tasks.prepare import check_inputs, load_classifier, prepare_model, run_class_names
+    from tasks.inputs import load_classifier
+    from tasks.prepare import check_inputs, prepare_model, run_class_names
 
     path = _plant(torch_home, "mobilenet_v2-b0353104.pth", mobilenet_1000.state_dict())
     root = tmp_path / "photos"
