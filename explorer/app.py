@@ -306,8 +306,9 @@ def create_app(
         if cls:
             out["class"] = [
                 {"entry_id": r.entry_id, "error": err} if err else
-                {"entry_id": r.entry_id, **v.to_json(data.class_names(r.entry_id)), "gallery_png": url}
-                for r, v, url, err in per_entry]
+                {"entry_id": r.entry_id, "kind": r.kind, **v.to_json(data.class_names(r.entry_id)),
+                 "gallery_png": figs["gallery"], "heatmaps_png": figs["heatmaps"]}
+                for r, v, figs, err in per_entry]
         return out
 
     @app.post("/api/explain", tags=["explain"], summary="Explain an uploaded image with an entry")

@@ -140,10 +140,10 @@ def registry_list(uri: str = typer.Argument(..., help="registry URI (path or s3:
     except PhpnError as e:
         _fail(str(e))
     table = Table(title=f"registry {uri}")
-    for col in ("entry", "model", "dataset", "k", "classes", "created"):
+    for col in ("entry", "kind", "model", "dataset", "k", "classes", "created"):
         table.add_column(col)
     for e in entries:
-        table.add_row(e.entry_id, e.model, e.dataset, str(e.k), str(e.n_classes), str(e.created))
+        table.add_row(e.entry_id, e.kind, e.model, e.dataset, str(e.k), str(e.n_classes), str(e.created))
     Console().print(table)
 
 

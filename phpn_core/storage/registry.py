@@ -203,7 +203,8 @@ class PrototypeRegistry(RegistryPublishing):
             raise RegistryError(
                 f"{what}: entry {entry_id!r} in the registry at {self.uri} is of kind {got!r}, expected {kind!r} "
                 f"(a {'ProtoPNet baseline has no part-prototype head' if got == 'protopnet' else 'phpn entry holds a head, not a ProtoPNet'}). "
-                f"Fix: read it with {other}.")
+                f"Fix: pick an entry of kind {kind!r} (phpn registry list shows each entry's kind), or read this one "
+                f"with {other}.")
 
     # -- removal -------------------------------------------------------------------------------------------------
 

@@ -74,6 +74,9 @@ def test_protopnet_baseline_beside_phpn_in_the_registry_and_the_explorer(phpn_ru
         for kind in ("gallery", "heatmaps"):
             assert f"/api/entries/{eid}/classes/1/{kind}.png" in page.text, (eid, kind)
     assert "pushed training patches" in page.text and "protopnet" in client.get("/").text
+    api = client.get("/api/compare", params={"ids": [phpn["entry_id"], m["entry_id"]], "cls": "1"}).json()
+    assert {c["kind"]: c["k"] for c in api["class"]} == {"phpn": 2, "protopnet": 2}
+    assert all(c["gallery_png"] and c["heatmaps_png"] for c in api["class"])
 
 
 def test_the_config_section_and_the_cli_refuse_bad_settings(tmp_path):
