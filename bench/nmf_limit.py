@@ -1,0 +1,263 @@
+"""The cost of ``phpn_core.decompose_head`` per class, in passes over F.
+
+The unit: one streaming pass over the same features, ``F_c @ G`` with ``G [D, l]``, ``l = min(m, D, k +
+oversample)`` (the NMF range finder's width, ``oversample`` read from ``nmf``'s defaults), batched over the classes
+as the solver does it (``torch.bmm``), best of ``--repeats``. Every stage of ``decompose_head`` is then timed on the
+same batch (best of ``--repeats``) and printed as seconds per class and as stage time / one-pass time:
+
+- ``checks``: decompose_head's input checks (``isfinite`` per class), ``discovery="auto"``'s per-class minimum and
+  nmf's own input checks (``isfinite``, minimum), called as the library calls them;
+- ``padding``: the padded batch ``X [C, m, D]`` that ``_decompose_batch`` builds (one read and one write of F);
+- ``stats``: nmf's ``||X||^2`` and mean (``fill``);
+- ``range_finder``: ``nmf._range_finder`` (1 + 2 x power_iters products with X, QRs);
+- ``project_start``: ``Y = Q^T X``, the SVD of Y and the NNDSVDa start;
+- ``compressed``: the HALS sweeps on the compressed problem = nmf(tol=10 tol, polish_iter=0) minus the stages
+  above and the final error (with polish_iter=0 and tol x 10 the compressed phase is exactly the default one);
+- ``polish``: the exact HALS iterations on X = nmf(defaults) minus nmf(tol=10 tol, polish_iter=0); 2 products
+  with X per iteration;
+- ``final_error``: nmf's exact final error (one more ``E^T X``);
+- ``scaling``: the least-squares alpha and the residual R;
+- ``refine_gram``: the refinement's maps ``X [P; R]^T`` and their Gram matrix K (one pass over F);
+- ``refine_solve``: ``refine`` on K, the prototypes and the head check.
+
+For ``solver="hals"`` (what nmf's ``auto`` picks for small classes) the range finder, projection and the two
+phases are replaced by ``start`` (the exact SVD start) and ``sweeps``. The sum of the stages is printed next to
+``decompose_head`` timed end to end on the same batch. Also printed: nmf's mean relative error (defaults), the
+error after the compressed phase alone, polish iterations, and the float16 / bfloat16 pass time next to float32's.
+
+    .venv/bin/python bench/nmf_limit.py                      # 20 classes x 1470 x 512, k = 10 (~1 min on 2 cores)
+    .venv/bin/python bench/nmf_limit.py --classes 200 --device cuda --json
+
+Measured here (2 shared cores, 20 x 1470 x 512, k = 10, rhals, 2026-12-07): one pass 0.62 ms per class (4.9 GB/s);
+decompose_head 81 ms per class = 132 passes: compressed sweeps 56.8 (109 sweeps), polish 29.5 (14 iterations),
+refinement solve 30.1, range finder 5.7, checks 4.8, the rest < 3; the polish lowers the mean relative error by
+only 1.3e-3 relative (0.29776 -> 0.29737).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from phpn_core import decompose_head  # noqa: E402
+from phpn_core.data.planted import planted_features  # noqa: E402
+from phpn_core.method.factorization import check_factorization_input  # noqa: E402
+
+# the modules, not the functions of the same names that phpn_core.method re-exports
+dec = importlib.import_module("phpn_core.method.decompose")
+nmf_mod = importlib.import_module("phpn_core.method.nmf")
+
+
+def _timer(dev: torch.device):
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def best(fn, repeats: int):
+        """(best seconds over repeats, last result)."""
+        out, ts = None, []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            out = fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        return min(ts), out
+
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classes", type=int, default=20)
+    ap.add_argument("--rows-per-class", type=int, default=1470, help="n images x hw x hw (a multiple of hw^2)")
+    ap.add_argument("--hw", type=int, default=7)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--noise", type=float, default=1.0, help="planted-parts noise (as bench/nmf_vs_sklearn.py)")
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many for every timing (the pass: x3)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("nmf_limit: --device cuda asked for but CUDA is not available.")
+    if args.rows_per_class % (args.hw * args.hw):
+        sys.exit(f"nmf_limit: --rows-per-class must be a multiple of hw^2 = {args.hw ** 2}; got {args.rows_per_class}.")
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    dev = torch.device(args.device)
+    best = _timer(dev)
+    R = max(1, args.repeats)
+
+    C, k, D = args.classes, args.k, args.dim
+    feats, _, _ = planted_features(n_classes=C, n_images=args.rows_per_class // args.hw ** 2, hw=args.hw, dim=D,
+                                   noise=args.noise, seed=0)
+    feats = {c: f.to(dev) for c, f in feats.items()}
+    weight = torch.randn(C, D, generator=torch.Generator().manual_seed(0)).to(dev)
+    classes = sorted(feats)
+    seeds = [0 * 1_000_003 + c for c in classes]  # decompose_head's seeds for seed=0
+    flat = [feats[c].reshape(-1, D) for c in classes]
+    m = flat[0].shape[0]
+
+    defaults = {n: p.default for n, p in inspect.signature(nmf_mod.nmf).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    tol, oversample, power_iters = defaults["tol"], defaults["oversample"], defaults["power_iters"]
+    l = min(m, D, k + oversample)
+    solver = "rhals" if (m * D) >= 4 * l * (m + D) else "hals"  # nmf's "auto" rule
+    ref = decompose_head.__kwdefaults__
+    refine_opts = dict(normalization=ref["normalization"], target=ref["target"], ridge=ref["refine_ridge"],
+                       max_iter=ref["refine_iter"])
+
+    X = torch.stack(flat)  # [C, m, D], as _decompose_batch builds it (no padding needed: equal rows)
+    bytes_F = X.numel() * X.element_size()
+    print(f"problem: {C} classes x {m} rows x {D} channels (F {bytes_F / 1e6:.1f} MB), k={k}, l={l}, "
+          f"solver={solver}, device={dev}, threads={args.threads}")
+
+    # ---- the unit: one streaming pass over F
+    G = torch.randn(C, D, l, generator=torch.Generator().manual_seed(1)).to(dev)
+    t_pass, _ = best(lambda: torch.bmm(X, G), 3 * R)
+    gbps = bytes_F / t_pass / 1e9
+    extra = {}
+    for name, dt in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        try:
+            Xh, Gh = X.to(dt), G.to(dt)
+            extra[name] = best(lambda a=Xh, b=Gh: torch.bmm(a, b), 3 * R)[0]
+            del Xh, Gh  # the lambda holds its own references until it is dropped
+        except RuntimeError as e:  # an op without a kernel for that dtype on this device
+            extra[name] = float("nan")
+            print(f"({name} pass not measured: {str(e).splitlines()[0]})")
+
+    T: dict[str, float] = {}
+
+    # ---- checks (decompose_head's, auto's min, nmf's) and padding
+    def checks_head():
+        for c, f in zip(classes, (feats[c] for c in classes)):
+            dec._check_features(f, f"decompose_head: class {c}", D, k, "auto")
+        return [float(f.min()) for f in flat]
+
+    t_ch, _ = best(checks_head, R)
+    t_cn, _ = best(lambda: check_factorization_input(X, k), R)
+    T["checks"] = t_ch + t_cn
+
+    def padding():
+        Xp = torch.zeros(C, m, D, dtype=X.dtype, device=dev)
+        for i, f in enumerate(flat):
+            Xp[i, : f.shape[0]] = f
+        return Xp
+
+    T["padding"], _ = best(padding, R)
+
+    # ---- nmf's stages, by its internal functions in its order
+    n_valid = torch.full((C,), float(m * D), dtype=X.dtype, device=dev)
+
+    def stats():
+        return (X * X).sum((1, 2)), X.sum((1, 2)) / n_valid
+
+    T["stats"], (xnorm2, fill) = best(stats, R)
+    if solver == "rhals":
+        T["range_finder"], Q = best(lambda: nmf_mod._range_finder(X, l, power_iters, seeds), R)
+
+        def project_start():
+            Yc = torch.bmm(Q.transpose(1, 2), X)
+            Ub, S, Vh = torch.linalg.svd(Yc, full_matrices=False)
+            return nmf_mod._nndsvda(torch.bmm(Q, Ub), S, Vh, k, fill)
+
+        T["project_start"], _ = best(project_start, R)
+    else:
+        def start():
+            U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+            return nmf_mod._nndsvda(U, S, Vh, k, fill)
+
+        T["start"], _ = best(start, R)
+
+    t_full, res = best(lambda: nmf_mod.nmf(X, k, item_seeds=seeds, device=dev), R)
+    Et, P = res.E.transpose(1, 2).contiguous(), res.P
+
+    def final_error():
+        return nmf_mod._sq_error(xnorm2, torch.bmm(Et, X), P, torch.bmm(Et, Et.transpose(1, 2)),
+                                 torch.bmm(P, P.transpose(1, 2)))
+
+    T["final_error"], _ = best(final_error, R)
+    fixed = t_cn + T["stats"] + T["final_error"]
+    res_c = None
+    if solver == "rhals":
+        t_c, res_c = best(lambda: nmf_mod.nmf(X, k, item_seeds=seeds, device=dev, tol=tol * 10, polish_iter=0), R)
+        T["compressed"] = t_c - fixed - T["range_finder"] - T["project_start"]
+        T["polish"] = t_full - t_c
+    else:
+        T["sweeps"] = t_full - fixed - T["start"]
+
+    # ---- scaling and refinement (decompose.py's _decompose_batch, same order)
+    V = weight.to(dtype=torch.float64)
+    P64 = P.double()
+
+    def scaling():
+        alpha = dec._scale(P64, V)
+        return alpha, V - torch.bmm(alpha.unsqueeze(1), P64).squeeze(1)
+
+    T["scaling"], (alpha, Rres) = best(scaling, R)
+    Z = torch.cat([P64, Rres.unsqueeze(1)], 1)
+
+    def refine_gram():
+        maps = torch.bmm(X, Z.to(X.dtype).transpose(1, 2)).double()
+        return torch.bmm(maps.transpose(1, 2), maps)
+
+    T["refine_gram"], K = best(refine_gram, R)
+
+    def refine_solve():
+        W, _ = dec.refine(K, alpha, **refine_opts)
+        protos = alpha.unsqueeze(2) * P64 + torch.bmm(W, Z)
+        protos = protos + ((V - protos.sum(1)) / k).unsqueeze(1)
+        return (protos.to(X.dtype).sum(1) - V.to(X.dtype)).abs().amax(1)
+
+    T["refine_solve"], _ = best(refine_solve, R)
+
+    # ---- decompose_head end to end, same batch
+    t_dh, hd = best(lambda: decompose_head(feats, weight, k, seed=0, device=dev), R)
+
+    order = ["checks", "padding", "stats", "range_finder", "project_start", "compressed", "polish", "start", "sweeps",
+             "final_error", "scaling", "refine_gram", "refine_solve"]
+    stages = [s for s in order if s in T]
+    passes = {s: T[s] / t_pass for s in stages}
+    total = sum(passes.values())
+    rel = float(res.rel_error.mean())
+    n_it = res.n_iter.double()
+    print(f"\none pass F @ G [D, {l}]: {t_pass / C * 1e3:.3f} ms per class, {gbps:.2f} GB/s (bytes of F / time); "
+          f"float16 {extra['float16'] / t_pass:.2f}x, bfloat16 {extra['bfloat16'] / t_pass:.2f}x that time")
+    print(f"\n{'stage':<14} {'ms/class':>10} {'passes':>9} {'share':>7}")
+    for s in stages:
+        print(f"{s:<14} {T[s] / C * 1e3:>10.3f} {passes[s]:>9.1f} {passes[s] / total:>6.1%}")
+    print(f"{'total':<14} {sum(T.values()) / C * 1e3:>10.3f} {total:>9.1f}")
+    print(f"{'decompose_head':<14} {t_dh / C * 1e3:>10.3f} {t_dh / t_pass:>9.1f}   (end to end, same batch)")
+    print(f"\nnmf rel. error (defaults): mean {rel:.6f} (decompose_head's: {float(hd.rel_error.mean()):.6f})")
+    out_extra = {}
+    if res_c is not None:
+        n_c = res_c.n_iter.double()
+        rel_c = float(res_c.rel_error.mean())
+        print(f"after the compressed phase alone: mean {rel_c:.6f} ({(rel_c - rel) / rel:+.2e} relative); "
+              f"compressed sweeps mean {float(n_c.mean()):.1f}, polish iterations mean {float((n_it - n_c).mean()):.1f} "
+              f"(min {int((n_it - n_c).min())}, max {int((n_it - n_c).max())}; 2 products with X each)")
+        out_extra = {"rel_error_compressed": rel_c, "compressed_sweeps": float(n_c.mean()),
+                     "polish_iters": float((n_it - n_c).mean())}
+    if args.json:
+        print(json.dumps({
+            "passes_total": total, "passes": passes, "gbps": gbps, "device": str(dev), "rel_error": rel,
+            "classes": C, "rows_per_class": m, "dim": D, "k": k, "solver": solver, "l": l, "threads": args.threads,
+            "pass_seconds_per_class": t_pass / C, "seconds_per_class": {s: T[s] / C for s in stages},
+            "decompose_head_seconds_per_class": t_dh / C, "decompose_head_passes": t_dh / t_pass,
+            "pass_ratio_float16": extra["float16"] / t_pass, "pass_ratio_bfloat16": extra["bfloat16"] / t_pass,
+            **out_extra,
+        }))
+
+
+if __name__ == "__main__":
+    main()
