@@ -51,10 +51,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from phpn_core import decompose_head  # noqa: E402
 from phpn_core.data.planted import planted_features  # noqa: E402
-from phpn_core.method.factorization import check_factorization_input  # noqa: E402
+from phpn_core.method.stages import stage_clock  # noqa: E402
 
-# the modules, not the functions of the same names that phpn_core.method re-exports
-dec = importlib.import_module("phpn_core.method.decompose")
+# the module, not the function of the same name that phpn_core.method re-exports
 nmf_mod = importlib.import_module("phpn_core.method.nmf")
 
 
@@ -104,18 +103,14 @@ def main() -> None:
     feats = {c: f.to(dev) for c, f in feats.items()}
     weight = torch.randn(C, D, generator=torch.Generator().manual_seed(0)).to(dev)
     classes = sorted(feats)
-    seeds = [0 * 1_000_003 + c for c in classes]  # decompose_head's seeds for seed=0
     flat = [feats[c].reshape(-1, D) for c in classes]
     m = flat[0].shape[0]
 
     defaults = {n: p.default for n, p in inspect.signature(nmf_mod.nmf).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    tol, oversample, power_iters = defaults["tol"], defaults["oversample"], defaults["power_iters"]
+    oversample = defaults["oversample"]
     l = min(m, D, k + oversample)
     solver = "rhals" if (m * D) >= 4 * l * (m + D) else "hals"  # nmf's "auto" rule
-    ref = decompose_head.__kwdefaults__
-    refine_opts = dict(normalization=ref["normalization"], target=ref["target"], ridge=ref["refine_ridge"],
-                       max_iter=ref["refine_iter"])
 
     X = torch.stack(flat)  # [C, m, D], as _decompose_batch builds it (no padding needed: equal rows)
     bytes_F = X.numel() * X.element_size()
@@ -136,126 +131,46 @@ def main() -> None:
             extra[name] = float("nan")
             print(f"({name} pass not measured: {str(e).splitlines()[0]})")
 
-    T: dict[str, float] = {}
-
-    # ---- checks (decompose_head's, auto's min, nmf's) and padding
-    def checks_head():
-        for c, f in zip(classes, (feats[c] for c in classes)):
-            dec._check_features(f, f"decompose_head: class {c}", D, k, "auto")
-        return [float(f.min()) for f in flat]
-
-    t_ch, _ = best(checks_head, R)
-    t_cn, _ = best(lambda: check_factorization_input(X, k), R)
-    T["checks"] = t_ch + t_cn
-
-    def padding():
-        Xp = torch.zeros(C, m, D, dtype=X.dtype, device=dev)
-        for i, f in enumerate(flat):
-            Xp[i, : f.shape[0]] = f
-        return Xp
-
-    T["padding"], _ = best(padding, R)
-
-    # ---- nmf's stages, by its internal functions in its order
-    n_valid = torch.full((C,), float(m * D), dtype=X.dtype, device=dev)
-
-    def stats():
-        return (X * X).sum((1, 2)), X.sum((1, 2)) / n_valid
-
-    T["stats"], (xnorm2, fill) = best(stats, R)
-    if solver == "rhals":
-        T["range_finder"], Q = best(lambda: nmf_mod._range_finder(X, l, power_iters, seeds), R)
-
-        def project_start():
-            Yc = torch.bmm(Q.transpose(1, 2), X)
-            Ub, S, Vh = torch.linalg.svd(Yc, full_matrices=False)
-            return nmf_mod._nndsvda(torch.bmm(Q, Ub), S, Vh, k, fill)
-
-        T["project_start"], _ = best(project_start, R)
-    else:
-        def start():
-            U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-            return nmf_mod._nndsvda(U, S, Vh, k, fill)
-
-        T["start"], _ = best(start, R)
-
-    t_full, res = best(lambda: nmf_mod.nmf(X, k, item_seeds=seeds, device=dev), R)
-    Et, P = res.E.transpose(1, 2).contiguous(), res.P
-
-    def final_error():
-        return nmf_mod._sq_error(xnorm2, torch.bmm(Et, X), P, torch.bmm(Et, Et.transpose(1, 2)),
-                                 torch.bmm(P, P.transpose(1, 2)))
-
-    T["final_error"], _ = best(final_error, R)
-    fixed = t_cn + T["stats"] + T["final_error"]
-    res_c = None
-    if solver == "rhals":
-        t_c, res_c = best(lambda: nmf_mod.nmf(X, k, item_seeds=seeds, device=dev, tol=tol * 10, polish_iter=0), R)
-        T["compressed"] = t_c - fixed - T["range_finder"] - T["project_start"]
-        T["polish"] = t_full - t_c
-    else:
-        T["sweeps"] = t_full - fixed - T["start"]
-
-    # ---- scaling and refinement (decompose.py's _decompose_batch, same order)
-    V = weight.to(dtype=torch.float64)
-    P64 = P.double()
-
-    def scaling():
-        alpha = dec._scale(P64, V)
-        return alpha, V - torch.bmm(alpha.unsqueeze(1), P64).squeeze(1)
-
-    T["scaling"], (alpha, Rres) = best(scaling, R)
-    Z = torch.cat([P64, Rres.unsqueeze(1)], 1)
-
-    def refine_gram():
-        maps = torch.bmm(X, Z.to(X.dtype).transpose(1, 2)).double()
-        return torch.bmm(maps.transpose(1, 2), maps)
-
-    T["refine_gram"], K = best(refine_gram, R)
-
-    def refine_solve():
-        W, _ = dec.refine(K, alpha, **refine_opts)
-        protos = alpha.unsqueeze(2) * P64 + torch.bmm(W, Z)
-        protos = protos + ((V - protos.sum(1)) / k).unsqueeze(1)
-        return (protos.to(X.dtype).sum(1) - V.to(X.dtype)).abs().amax(1)
-
-    T["refine_solve"], _ = best(refine_solve, R)
-
-    # ---- decompose_head end to end, same batch
-    t_dh, hd = best(lambda: decompose_head(feats, weight, k, seed=0, device=dev), R)
-
+    # ---- decompose_head end to end, every stage measured inside it (phpn_core.method.stages), best of R
+    runs = []
+    for _ in range(R):
+        with stage_clock(dev) as clock:
+            sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+            sync()
+            t = time.perf_counter()
+            hd = decompose_head(feats, weight, k, seed=0, device=dev)
+            sync()
+            runs.append((time.perf_counter() - t, dict(clock.seconds), dict(clock.reads), hd))
+    t_dh, T, reads, hd = min(runs, key=lambda r: r[0])
     order = ["checks", "padding", "stats", "range_finder", "project_start", "compressed", "polish", "start", "sweeps",
-             "final_error", "scaling", "refine_gram", "refine_solve"]
-    stages = [s for s in order if s in T]
+             "scaling", "refine_gram", "refine_solve"]
+    stages = [s for s in order if s in T] + sorted(set(T) - set(order))
+    T["other"] = max(0.0, t_dh - sum(T[s] for s in stages))
+    stages.append("other")
     passes = {s: T[s] / t_pass for s in stages}
     total = sum(passes.values())
-    rel = float(res.rel_error.mean())
-    n_it = res.n_iter.double()
+    rel = float(hd.rel_error.mean())
+    n_it = hd.diagnostics["nmf_iter"].double()
+    r_it = hd.diagnostics["refine_iter"].double()
     print(f"\none pass F @ G [D, {l}]: {t_pass / C * 1e3:.3f} ms per class, {gbps:.2f} GB/s (bytes of F / time); "
           f"float16 {extra['float16'] / t_pass:.2f}x, bfloat16 {extra['bfloat16'] / t_pass:.2f}x that time")
-    print(f"\n{'stage':<14} {'ms/class':>10} {'passes':>9} {'share':>7}")
+    print(f"\n{'stage':<14} {'ms/class':>10} {'passes':>9} {'reads':>6} {'share':>7}")
     for s in stages:
-        print(f"{s:<14} {T[s] / C * 1e3:>10.3f} {passes[s]:>9.1f} {passes[s] / total:>6.1%}")
-    print(f"{'total':<14} {sum(T.values()) / C * 1e3:>10.3f} {total:>9.1f}")
-    print(f"{'decompose_head':<14} {t_dh / C * 1e3:>10.3f} {t_dh / t_pass:>9.1f}   (end to end, same batch)")
-    print(f"\nnmf rel. error (defaults): mean {rel:.6f} (decompose_head's: {float(hd.rel_error.mean()):.6f})")
-    out_extra = {}
-    if res_c is not None:
-        n_c = res_c.n_iter.double()
-        rel_c = float(res_c.rel_error.mean())
-        print(f"after the compressed phase alone: mean {rel_c:.6f} ({(rel_c - rel) / rel:+.2e} relative); "
-              f"compressed sweeps mean {float(n_c.mean()):.1f}, polish iterations mean {float((n_it - n_c).mean()):.1f} "
-              f"(min {int((n_it - n_c).min())}, max {int((n_it - n_c).max())}; 2 products with X each)")
-        out_extra = {"rel_error_compressed": rel_c, "compressed_sweeps": float(n_c.mean()),
-                     "polish_iters": float((n_it - n_c).mean())}
+        print(f"{s:<14} {T[s] / C * 1e3:>10.3f} {passes[s]:>9.1f} {reads.get(s, 0):>6d} {passes[s] / total:>6.1%}")
+    print(f"{'decompose_head':<14} {t_dh / C * 1e3:>10.3f} {total:>9.1f} {sum(reads.values()):>6d}   "
+          "(end to end; passes = time / one pass, reads = products with F counted)")
+    print(f"\nnmf rel. error: mean {rel:.6f}; NMF sweeps per class mean {float(n_it.mean()):.1f} (compressed + "
+          f"polish), refinement iterations mean {float(r_it.mean()):.1f} (max {int(r_it.max())}); "
+          f"max head error {float(hd.head_error.max()):.2e}")
     if args.json:
         print(json.dumps({
-            "passes_total": total, "passes": passes, "gbps": gbps, "device": str(dev), "rel_error": rel,
+            "passes_total": total, "passes": passes, "reads": reads, "reads_total": sum(reads.values()),
+            "gbps": gbps, "device": str(dev), "rel_error": rel,
             "classes": C, "rows_per_class": m, "dim": D, "k": k, "solver": solver, "l": l, "threads": args.threads,
             "pass_seconds_per_class": t_pass / C, "seconds_per_class": {s: T[s] / C for s in stages},
             "decompose_head_seconds_per_class": t_dh / C, "decompose_head_passes": t_dh / t_pass,
             "pass_ratio_float16": extra["float16"] / t_pass, "pass_ratio_bfloat16": extra["bfloat16"] / t_pass,
-            **out_extra,
+            "nmf_iter": float(n_it.mean()), "refine_iter": float(r_it.mean()),
         }))
 
 

@@ -26,6 +26,7 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
     """
 
     from phpn_core import decompose_head
+    from phpn_core.method.decompose import STREAM_BYTES
     from phpn_core.storage.registry import PrototypeRegistry
     from phpn_core.storage.feature_store import FeatureStore
     from phpn_core.storage.tensorio import read_tensors
@@ -41,7 +42,12 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
     store = FeatureStore.open(features_uri)
     linear, _ = read_tensors(linear_uri)
     dev = pick_device(device)
-    feats = {c: store.class_features(c) for c in todo}
+    # A class too large to hold in float32 is streamed from the store in blocks (decompose_head reads it again for
+    # every pass): the shard's memory is then one block, whatever the class size.
+    H, W, D = store.schema.feature_shape
+    counts = store.class_counts
+    feats = {c: store.class_row_source(c) if int(counts[c]) * H * W * D * 4 > STREAM_BYTES
+             else store.class_features(c) for c in todo}
     hd = decompose_head(feats, linear["weight"].float(), k, seed=seed, device=dev, **options)
     registry.write_classes(entry_id, hd.classes, {
         "prototypes": hd.prototypes.cpu(), "initial": hd.initial.cpu(), "alpha": hd.alpha.cpu(),

@@ -13,8 +13,12 @@ How the refinement is solved. Any minimiser has ``r_i`` in ``span{p_1..p_k, R}``
 ``r_i = w_i^T [P; R]`` with ``w_i`` in ``R^{k+1}``, and every quantity comes from the ``(k+1) x (k+1)`` Gram
 matrix ``K = (F_c Z^T)^T (F_c Z^T)``, ``Z = [P; R]``: one pass over the features per class, then a tiny problem.
 The constraint is a parametrisation, ``w_i = u_i - mean_j u_j + e_R / k`` (so ``sum_i w_i = e_R``), and ``u`` is
-optimised by a batched saddle-free damped Newton method (exact Hessians through ``torch.func``), all classes at
-once, in float64.
+optimised by a batched saddle-free damped Newton method (analytic Hessians), all classes at once, in float64
+(:mod:`~phpn_core.method.refine`).
+
+Reading the features: every step reads ``F_c`` only through products with thin matrices and sums over rows
+(:mod:`~phpn_core.method.rows`), so a class larger than ``stream_bytes`` (or given as a row source, e.g. a feature
+store's class) is streamed in row blocks: memory is one block plus ``[N, k + oversample]`` factors.
 
 Choices (named options, with their defaults):
 
@@ -57,13 +61,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from phpn_core.method.nmf import NMFResult, nmf
+from phpn_core.method.nmf import NMFResult, checked_source, factorize, nmf
+from phpn_core.method.refine import NORMALIZATIONS, TARGETS, refine
+from phpn_core.method.rows import DenseProducts, RowSource, TensorRows
 from phpn_core.method.semi_nmf import semi_nmf
+from phpn_core.method.stages import count_read, stage
 
 __all__ = ["decompose_class", "decompose_head", "ClassDecomposition", "HeadDecomposition", "refine", "DISCOVERIES"]
 
-NORMALIZATIONS = ("l2", "none")
-TARGETS = ("residual", "prototype")
 DISCOVERIES = ("auto", "nmf", "semi_nmf", "shift_nmf", "posneg_nmf", "hybrid_nmf")
 # the code each class's discovery is recorded under (diagnostics["discovery"])
 DISCOVERY_CODES = {"nmf": 0, "semi_nmf": 1, "shift_nmf": 2, "posneg_nmf": 3, "hybrid_nmf": 4}
@@ -71,6 +76,12 @@ DISCOVERY_CODES = {"nmf": 0, "semi_nmf": 1, "shift_nmf": 2, "posneg_nmf": 3, "hy
 # activation: GELU/ReLU-like, a long tail above and almost nothing below); a two-sided channel (LayerNormed tokens)
 # reaches ~3.5 sd below its mean over thousands of positions. Measured: ConvNeXt maps 0.5 sd, ViT tokens ~7 sd.
 FLOOR_SD = 2.0
+# decompose_head streams a class whose features in the compute dtype exceed this (one ImageNet class of ResNet-50
+# features, 1300 x 7 x 7 x 2048, is 522 MB in float32): its memory is then one block, not the class.
+STREAM_BYTES = 256 << 20
+# _scale: prototypes' singular values below this fraction of the largest are noise (measured: 6e-6 for a rank-1
+# class; real classes' smallest ratio 8e-3 at k = 10, D = 512)
+SCALE_RCOND = 1e-4
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,9 @@ class HeadDecomposition:
 
 # ----------------------------------------------------------------------------------------------- checks
 
-def _check_features(F: torch.Tensor, name: str, D: int | None, k: int, discovery: str = "nmf") -> None:
+def _check_features(F: torch.Tensor, name: str, D: int | None, k: int, discovery: str = "nmf") -> float:
+    """Shape, dtype and value checks of one class's features in one read (``aminmax``: a NaN shows in both);
+    returns the features' minimum (``discovery="auto"`` picks the method from it)."""
     if not isinstance(F, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape [n, H, W, D]; got {type(F).__name__}.")
     if F.ndim != 4:
@@ -128,21 +141,25 @@ def _check_features(F: torch.Tensor, name: str, D: int | None, k: int, discovery
             f"{name}: feature dimension D={F.shape[-1]} does not match the head's D={D} "
             f"(features {tuple(F.shape)}); channels must be last: [n, H, W, D]."
         )
-    if not bool(torch.isfinite(F).all()):
-        raise ValueError(f"{name}: features contain NaN or inf; expected finite values. Check the extraction.")
-    if discovery == "nmf":
-        fmin = float(F.min())
-        if fmin < 0:
-            raise ValueError(
-                f"{name}: features must be non-negative for discovery='nmf'; got a minimum of {fmin:.4g}. Fix: "
-                "use discovery='auto' (signed features, e.g. ConvNeXt/Swin/ViT), or post-ReLU features."
-            )
     rows = F.shape[0] * F.shape[1] * F.shape[2]
     if k > min(rows, F.shape[-1]):
         raise ValueError(
             f"{name}: k={k} prototypes need at least k feature rows and channels; got n*H*W={rows}, "
             f"D={F.shape[-1]}. Use k <= {min(rows, F.shape[-1])} or more images."
         )
+    lo, hi = (float(v) for v in torch.aminmax(F))
+    return _check_range(lo, hi, name, discovery)
+
+
+def _check_range(lo: float, hi: float, name: str, discovery: str) -> float:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name}: features contain NaN or inf; expected finite values. Check the extraction.")
+    if discovery == "nmf" and lo < 0:
+        raise ValueError(
+            f"{name}: features must be non-negative for discovery='nmf'; got a minimum of {lo:.4g}. Fix: "
+            "use discovery='auto' (signed features, e.g. ConvNeXt/Swin/ViT), or post-ReLU features."
+        )
+    return lo
 
 
 def _check_k(k) -> None:
@@ -161,145 +178,18 @@ def _check_options(normalization: str, target: str, discovery: str = "auto") -> 
         raise ValueError(f"discovery must be one of {DISCOVERIES}; got {discovery!r}.")
 
 
-# ----------------------------------------------------------------------------------------------- refinement
-
-def _rows(W: torch.Tensor, alpha: torch.Tensor, target: str) -> torch.Tensor:
-    """The coefficient rows whose maps are compared with the targets: ``w_i`` (residual) or ``alpha_i e_i + w_i``."""
-    if target == "prototype":
-        k = W.shape[-2]
-        W = W.clone()
-        W[..., :k] += torch.diag_embed(alpha)
-    return W
-
-
-def _objective(W: torch.Tensor, K: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, target: str,
-               ridge: float) -> torch.Tensor:
-    """Refinement objective per class. W ``[C, k, k+1]`` (rows sum to e_R), K ``[C, k+1, k+1]`` -> ``[C]``."""
-    k = W.shape[1]
-    Wm = _rows(W, alpha, target)
-    KW = torch.einsum("cij,cjl->cil", Wm, K)  # [C, k, k+1]
-    norms = (KW * Wm).sum(-1).clamp_min(1e-300).sqrt()
-    diagK = torch.diagonal(K, dim1=1, dim2=2)[:, :k].clamp_min(1e-300).sqrt()
-    cos = signs * torch.diagonal(KW[:, :, :k], dim1=1, dim2=2) / (norms * diagK)
-    fit = (2.0 - 2.0 * cos).sum(1)
-    reg = (W * torch.einsum("cij,cjl->cil", W, K)).sum((1, 2)) / K[:, -1, -1].clamp_min(1e-300)
-    return fit + ridge * reg
-
-
-def _derivatives(W, K, signs, alpha, target, ridge):
-    """Gradient ``[C, k, k+1]`` and per-row Hessians ``[C, k, k+1, k+1]`` of :func:`_objective` (analytic).
-
-    The objective is a sum of one term per row w_i, so its Hessian is block diagonal: one small block per row.
-    """
-    C, k, n = W.shape
-    Wm = _rows(W, alpha, target)
-    Kw = torch.einsum("cjl,cil->cij", K, Wm)  # [C, k, n]: K w_i
-    q = (Kw * Wm).sum(-1).clamp_min(1e-300)  # [C, k]
-    nrm = q.sqrt()
-    a = K[:, :k, :]  # [C, k, n]: a_i = K e_i
-    t = (a * Wm).sum(-1)  # [C, k]
-    c = torch.diagonal(K, dim1=1, dim2=2)[:, :k].clamp_min(1e-300).sqrt()
-    sc = (signs / c).unsqueeze(-1)  # [C, k, 1]
-    n1, n3, n5 = nrm.unsqueeze(-1), (nrm**3).unsqueeze(-1), (nrm**5).unsqueeze(-1)
-    grad_cos = sc * (a / n1 - t.unsqueeze(-1) * Kw / n3)
-    outer = lambda x, y: x.unsqueeze(-1) * y.unsqueeze(-2)  # noqa: E731
-    hess_cos = sc.unsqueeze(-1) * (
-        -(outer(a, Kw) + outer(Kw, a)) / n3.unsqueeze(-1)
-        - (t.unsqueeze(-1) / n3).unsqueeze(-1) * K.unsqueeze(1)
-        + 3 * (t.unsqueeze(-1) / n5).unsqueeze(-1) * outer(Kw, Kw)
-    )
-    scale = 2 * ridge / K[:, -1, -1].clamp_min(1e-300)
-    g = -2 * grad_cos + scale.view(C, 1, 1) * torch.einsum("cjl,cil->cij", K, W)
-    H = -2 * hess_cos + scale.view(C, 1, 1, 1) * K.unsqueeze(1)
-    return g, H
-
-
-def _closed_form_start(K: torch.Tensor, signs: torch.Tensor, k: int) -> torch.Tensor:
-    """``normalization="none"``'s solution in u-coordinates. K ``[C, k+1, k+1]`` -> u ``[C, k, k+1]``.
-
-    Target map for r_i: ``s_i Norm(F p_i) ||F R|| / sqrt(k)``; its least-squares fit in span{p} is
-    ``rho_i = s_i ||F R|| / (sqrt(k) ||F p_i||) p_i``, and ``r_i = rho_i - mean(rho) + R / k`` meets the sum.
-    """
-    C = K.shape[0]
-    normR = K[:, -1, -1].clamp_min(0).sqrt()  # [C]
-    normP = torch.diagonal(K, dim1=1, dim2=2)[:, :k].clamp_min(1e-300).sqrt()  # [C, k]
-    coef = signs * normR.unsqueeze(1) / (math.sqrt(k) * normP)  # [C, k]
-    u = torch.zeros(C, k, k + 1, dtype=K.dtype, device=K.device)
-    u[:, :, :k] = torch.diag_embed(coef)
-    return u
-
-
-def refine(
-    K: torch.Tensor,
-    alpha: torch.Tensor,
-    *,
-    normalization: str = "l2",
-    target: str = "residual",
-    ridge: float = 1e-3,
-    max_iter: int = 100,
-    tol: float = 1e-10,
-) -> tuple[torch.Tensor, dict]:
-    """Solve the refinement for a batch of classes in Gram coordinates.
-
-    Args:
-        K: ``[C, k+1, k+1]`` Gram matrix of the maps ``F p_1..F p_k, F R`` (float64 recommended).
-        alpha: ``[C, k]`` scaling coefficients.
-
-    Returns:
-        W ``[C, k, k+1]`` with ``sum_i W[:, i] = e_R`` (r_i = W[:, i] @ [P; R]) and diagnostics
-        ``{"refine_iter": [C], "refine_objective_start": [C], "refine_objective": [C]}``.
-    """
-    _check_options(normalization, target)
-    C, k = alpha.shape
-    signs = torch.where(alpha < 0, -1.0, 1.0).to(K.dtype)
-    u = _closed_form_start(K, signs, k)
-    W = u - u.mean(1, keepdim=True)
-    W[:, :, -1] += 1.0 / k
-    start = _objective(W, K, signs, alpha, target, ridge)
-    iters = torch.zeros(C, dtype=torch.long, device=K.device)
-    if normalization == "none":
-        return W, {"refine_iter": iters, "refine_objective_start": start, "refine_objective": start}
-
-    # Newton on the separable objective under the coupling sum_i w_i = e_R (KKT, closed form): with H_i the
-    # rows' Hessians made positive definite (|eigenvalues| + damping: saddle-free, so every step descends),
-    # d_i = -H_i^-1 (g_i + lam) and sum_i d_i = 0 give lam = -(sum_i H_i^-1)^-1 sum_i H_i^-1 g_i.
-    n = k + 1
-    eye = torch.eye(n, dtype=K.dtype, device=K.device)
-    mu = torch.full((C,), 1e-3, dtype=K.dtype, device=K.device)
-    cur = start.clone()
-    active = torch.ones(C, dtype=torch.bool, device=K.device)
-    for _ in range(max_iter):
-        g, H = _derivatives(W, K, signs, alpha, target, ridge)
-        evals, evecs = torch.linalg.eigh(0.5 * (H + H.transpose(-1, -2)))
-        top = evals.abs().amax(-1, keepdim=True).clamp_min(1e-12)
-        inv_eval = 1.0 / (evals.abs() + mu.view(C, 1, 1) * top)
-        Hinv = torch.einsum("ckij,ckj,cklj->ckil", evecs, inv_eval, evecs)  # [C, k, n, n]
-        Hinv_g = torch.einsum("ckij,ckj->cki", Hinv, g)
-        S = Hinv.sum(1) + 1e-30 * eye
-        lam = -torch.linalg.solve(S, Hinv_g.sum(1).unsqueeze(-1)).squeeze(-1)  # [C, n]
-        d = -(Hinv_g + torch.einsum("ckij,cj->cki", Hinv, lam))
-        d = d - d.mean(1, keepdim=True)  # keep sum_i w_i = e_R exactly against rounding
-        W_try = W + d * active.view(C, 1, 1)
-        new = _objective(W_try, K, signs, alpha, target, ridge)
-        better = (new < cur) & active
-        W = torch.where(better.view(C, 1, 1), W_try, W)
-        gain = torch.where(better, cur - new, torch.zeros_like(cur))
-        cur = torch.where(better, new, cur)
-        mu = torch.where(better, (mu / 3).clamp_min(1e-9), (mu * 4).clamp_max(1e6))
-        iters += active.long()
-        # Converged: an accepted step that gains almost nothing, or damping at its ceiling (no descent left).
-        active = active & ~((better & (gain <= tol * cur.abs().clamp_min(1.0))) | (mu >= 1e6))
-        if not bool(active.any()):
-            break
-    return W, {"refine_iter": iters, "refine_objective_start": start, "refine_objective": cur}
-
-
 # ----------------------------------------------------------------------------------------------- pipeline
 
 def _scale(P: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Least-squares alpha: P ``[C, k, D]``, v ``[C, D]`` -> ``[C, k]`` (closed form, min-norm if P is rank-deficient)."""
-    return torch.linalg.lstsq(P.transpose(1, 2), v.unsqueeze(2), driver="gelsd" if P.device.type == "cpu" else None
-                              ).solution.squeeze(2)
+    """Least-squares alpha: P ``[C, k, D]``, v ``[C, D]`` -> ``[C, k]`` (closed form, by the SVD of P).
+
+    Min-norm over P's determined directions: one whose singular value is below ``SCALE_RCOND`` of the largest is
+    dropped. Near-collinear prototypes (a class of rank < k, e.g. one image) would otherwise get huge alphas of
+    opposite signs, and prototypes thousands of times the head row lose float32 exactness in their sum; what the
+    dropped direction would have carried stays in the residual R, which the refinement distributes exactly."""
+    U, S, Vh = torch.linalg.svd(P, full_matrices=False)  # P = U diag(S) Vh
+    inv = torch.where(S > SCALE_RCOND * S[:, :1], 1.0 / S.clamp_min(1e-300), torch.zeros_like(S))
+    return torch.bmm(U * inv.unsqueeze(1), torch.bmm(Vh, v.unsqueeze(2))).squeeze(2)
 
 
 def _centred(X: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -346,8 +236,15 @@ def _discover(X: torch.Tensor, rows: list[int], k: int, seeds: list[int], nmf_op
     if method == "semi_nmf":
         # its own stopping defaults: nmf_options tune the NMF solver (rhals, polish, ...)
         return semi_nmf(X, k, row_counts=counts, item_seeds=seeds, device=device), X
-    if method == "nmf":
-        return nmf(X, k, row_counts=counts, item_seeds=seeds, device=device, **nmf_options), X
+    if method == "nmf":  # checked per class already: straight to the solver, no second read for the checks
+        op = DenseProducts(X)
+        rc = counts.to(X.device) if counts is not None else None
+        n_valid = (rc if rc is not None else torch.full((X.shape[0],), m, device=X.device)).to(X.dtype) * X.shape[2]
+        with stage("stats"):
+            xnorm2, fill = op.sq_norm(), op.total() / n_valid
+        res = factorize(op, k, xnorm2=xnorm2, fill=fill, row_counts=rc, item_seeds=seeds,
+                        **_solver_options(nmf_options))
+        return res, X
     valid = torch.arange(m, device=X.device).unsqueeze(0) < torch.tensor(rows, device=X.device).unsqueeze(1)
     if method == "hybrid_nmf":
         return _hybrid_discover(X, valid, k, counts, seeds, nmf_options, device)
@@ -366,43 +263,83 @@ def _discover(X: torch.Tensor, rows: list[int], k: int, seeds: list[int], nmf_op
     return res, _centred(Xs, valid)
 
 
-def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: list[int], nmf_options: dict,
-                     normalization: str, target: str, ridge: float, refine_iter: int, device,
-                     method: str = "nmf") -> dict:
-    """Decompose a batch of classes. Fs: list of ``[N_c, D]``; V ``[C, D]``; ``method`` one discovery for all."""
-    dtype = Fs[0].dtype
-    rows = [f.shape[0] for f in Fs]
-    m = max(rows)
-    D = V.shape[1]
-    X = torch.zeros(len(Fs), m, D, dtype=dtype, device=device)
-    for i, f in enumerate(Fs):
-        X[i, : f.shape[0]] = f.to(device)
-    res, X = _discover(X, rows, k, seeds, nmf_options, method, device)
-    P = res.P  # [C, k, D]
-    V = V.to(device=device, dtype=torch.float64)
-    P64 = P.double()
-    alpha = _scale(P64, V)  # [C, k]
-    R = V - torch.bmm(alpha.unsqueeze(1), P64).squeeze(1)  # [C, D]
-    Z = torch.cat([P64, R.unsqueeze(1)], 1)  # [C, k+1, D]
-    maps = torch.bmm(X, Z.to(dtype).transpose(1, 2)).double()  # [C, m, k+1]; padded rows are zero
-    K = torch.bmm(maps.transpose(1, 2), maps)
-    W, diag = refine(K, alpha, normalization=normalization, target=target, ridge=ridge, max_iter=refine_iter)
-    residual = torch.bmm(W, Z)  # [C, k, D]
-    protos = alpha.unsqueeze(2) * P64 + residual
-    # The parametrisation makes sum_i r_i = R up to rounding; spread the rounding so the sum is v exactly.
-    protos = protos + ((V - protos.sum(1)) / k).unsqueeze(1)
-    out = protos.to(dtype)
-    head_err = (out.sum(1) - V.to(dtype)).abs().amax(1)
-    diag.update({"nmf_iter": res.n_iter.cpu(), "nmf_converged": res.converged.cpu(),
-                 "discovery": torch.full((len(Fs),), float(DISCOVERY_CODES[method]), dtype=torch.float64)})
+def _solver_options(nmf_options: dict) -> dict:
+    """The options of :func:`~phpn_core.method.nmf.factorize` among ``nmf_options`` (the rest: how X is read)."""
+    return {n: v for n, v in nmf_options.items() if n not in ("compute_dtype", "block_bytes", "device")}
+
+
+def _finish(P: torch.Tensor, maps_of, V: torch.Tensor, res, method: str, k: int, dtype, normalization: str,
+            target: str, ridge: float, refine_iter: int) -> dict:
+    """Steps 2-4 for a batch: scaling, the refinement on the Gram matrix of the maps, the exact sum.
+
+    ``maps_of(Z)``: the maps ``X Z^T`` ``[C, m, k+1]`` of Z ``[C, k+1, D]`` (one read of X)."""
+    with stage("scaling"):
+        V = V.to(device=P.device, dtype=torch.float64)
+        P64 = P.double()
+        alpha = _scale(P64, V)  # [C, k]
+        R = V - torch.bmm(alpha.unsqueeze(1), P64).squeeze(1)  # [C, D]
+        Z = torch.cat([P64, R.unsqueeze(1)], 1)  # [C, k+1, D]
+    with stage("refine_gram"):
+        maps = maps_of(Z.to(dtype)).double()  # [C, m, k+1]; padded rows are zero
+        K = torch.bmm(maps.transpose(1, 2), maps)
+    with stage("refine_solve"):
+        W, diag = refine(K, alpha, normalization=normalization, target=target, ridge=ridge, max_iter=refine_iter)
+        residual = torch.bmm(W, Z)  # [C, k, D]
+        protos = alpha.unsqueeze(2) * P64 + residual
+        # The parametrisation makes sum_i r_i = R up to rounding; spread the rounding so the sum is v exactly.
+        protos = protos + ((V - protos.sum(1)) / k).unsqueeze(1)
+        out = protos.to(dtype)
+        head_err = (out.sum(1) - V.to(dtype)).abs().amax(1)
+    C = P.shape[0]
+    diag.update({"nmf_iter": torch.as_tensor(res.n_iter).reshape(C).cpu(),
+                 "nmf_converged": torch.as_tensor(res.converged).reshape(C).cpu(),
+                 "discovery": torch.full((C,), float(DISCOVERY_CODES[method]), dtype=torch.float64)})
     return {
         "prototypes": out, "initial": P, "alpha": alpha.to(dtype), "residual": residual.to(dtype),
-        "rel_error": res.rel_error, "head_error": head_err, "diagnostics": {n: t.cpu() for n, t in diag.items()},
+        "rel_error": torch.as_tensor(res.rel_error).reshape(C), "head_error": head_err,
+        "diagnostics": {n: t.cpu() for n, t in diag.items()},
     }
 
 
+def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: list[int], nmf_options: dict,
+                     normalization: str, target: str, ridge: float, refine_iter: int, device,
+                     method: str = "nmf", dtype=None) -> dict:
+    """Decompose a batch of classes held in memory. Fs: list of ``[N_c, D]``; V ``[C, D]``; ``method`` one
+    discovery for all; ``dtype`` the compute dtype (default: the features')."""
+    dtype = dtype or Fs[0].dtype
+    rows = [f.shape[0] for f in Fs]
+    m = max(rows)
+    D = V.shape[1]
+    with stage("padding"):
+        X = torch.zeros(len(Fs), m, D, dtype=dtype, device=device)
+        for i, f in enumerate(Fs):
+            X[i, : f.shape[0]] = f.to(device)
+    res, X = _discover(X, rows, k, seeds, nmf_options, method, device)
+    return _finish(res.P, lambda Z: _count(torch.bmm(X, Z.transpose(1, 2))), V, res, method, k, dtype,
+                   normalization, target, ridge, refine_iter)
+
+
+def _count(t: torch.Tensor) -> torch.Tensor:
+    count_read()
+    return t
+
+
+def _decompose_streamed(source: RowSource, v: torch.Tensor, k: int, seed: int, nmf_options: dict,
+                        normalization: str, target: str, ridge: float, refine_iter: int, device, dtype,
+                        name: str) -> dict:
+    """One class read from ``source`` in row blocks (``discovery="nmf"``): the same solver and refinement as
+    :func:`_decompose_batch`, never holding more than one block of X in the compute dtype."""
+    op, stats = checked_source(source, k, device=device, compute_dtype=dtype, block_bytes=nmf_options.get(
+        "block_bytes"), who=name)
+    res = factorize(op, k, xnorm2=stats["sq_norm"].view(1), fill=(stats["total"] / (source.n_rows * source.dim)
+                                                                   ).view(1),
+                    item_seeds=[seed], **{**_solver_options(nmf_options), "solver": "rhals"})
+    return _finish(res.P, lambda Z: op.times(Z.transpose(1, 2)), v.unsqueeze(0), res, "nmf", k, dtype,
+                   normalization, target, ridge, refine_iter)
+
+
 def decompose_head(
-    features_by_class: Mapping[int, torch.Tensor],
+    features_by_class: Mapping[int, torch.Tensor | RowSource],
     weight: torch.Tensor,
     k: int,
     *,
@@ -415,14 +352,18 @@ def decompose_head(
     nmf_options: dict | None = None,
     device: str | torch.device | None = None,
     max_batch_bytes: int = 2 << 30,
+    stream_bytes: int = STREAM_BYTES,
     progress=None,
 ) -> HeadDecomposition:
     """Decompose the head rows of the given classes, all classes batched through NMF and refinement.
 
     Args:
         features_by_class: ``{class index: F_c [n_c, H, W, D]}``, float (>= 0 for ``discovery="nmf"``; signed
-            features are handled by ``"auto"``). Not modified. Any subset of the head's classes (a shard); results
-            follow ``sorted(features_by_class)``.
+            features are handled by ``"auto"``), or ``{class index: RowSource}`` (rows ``[n_c H W, D]`` read in
+            blocks, e.g. :meth:`FeatureStore.class_row_source
+            <phpn_core.storage.feature_reads.ClassReads.class_row_source>`). Float16/bfloat16 features are computed
+            in float32. Not modified. Any subset of the head's classes (a shard); results follow
+            ``sorted(features_by_class)``.
         weight: ``[C, D]`` the linear head. Not modified.
         k: prototypes per class.
         seed: class c's NMF uses seed ``seed * 1_000_003 + c``, so a class's result does not depend on which
@@ -431,9 +372,14 @@ def decompose_head(
         discovery: ``"auto"`` (NMF for non-negative classes, ``"hybrid_nmf"`` for signed ones), ``"nmf"``,
             ``"hybrid_nmf"``, ``"posneg_nmf"``, ``"semi_nmf"`` or ``"shift_nmf"`` (see the module docstring); recorded
             per class in ``diagnostics["discovery"]`` (:data:`DISCOVERY_CODES`).
-        nmf_options: extra keyword options for :func:`phpn_core.method.nmf.nmf` (max_iter, tol, solver, ...).
-        device: where to compute (default: the features' device).
+        nmf_options: extra keyword options for :func:`phpn_core.method.nmf.nmf` (max_iter, tol, solver, ...;
+            ``block_bytes`` sizes a streamed class's blocks).
+        device: where to compute (default: the features' device; a row source's: CPU).
         max_batch_bytes: classes are processed in batches whose padded features stay below this size.
+        stream_bytes: a non-negative class larger than this in the compute dtype (and every row source) is
+            decomposed alone, its rows streamed in blocks: memory is one block plus thin factors, not the class.
+            Same solver (``rhals``) and refinement as in memory; another summation order, so the same error but not
+            always the same point of NMF's flat valley (as for a class in another batch).
         progress: optional callable ``progress(n_done, n_total)`` called after each batch.
 
     Returns:
@@ -455,31 +401,51 @@ def decompose_head(
     bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < C]
     if bad:
         raise ValueError(f"decompose_head: class keys must be ints in [0, {C}) (rows of weight [C={C}, D]); got {bad[:5]}.")
-    dtypes = {features_by_class[c].dtype for c in classes if isinstance(features_by_class[c], torch.Tensor)}
-    devices = {features_by_class[c].device for c in classes if isinstance(features_by_class[c], torch.Tensor)}
-    if len(dtypes) > 1 or len(devices) > 1:
+    given = {c: features_by_class[c] for c in classes}
+    sources = {c: f for c, f in given.items() if isinstance(f, RowSource)}
+    tensors = {c: f for c, f in given.items() if c not in sources}
+    compute = {_compute_dtype(f.dtype) for f in given.values() if isinstance(f, (torch.Tensor, RowSource))}
+    devices = {f.device for f in tensors.values() if isinstance(f, torch.Tensor)}
+    if len(compute) > 1 or len(devices) > 1:
         raise TypeError(
             f"decompose_head: all classes' features must share one dtype and device; got dtypes "
-            f"{sorted(map(str, dtypes))}, devices {sorted(map(str, devices))}."
+            f"{sorted({str(f.dtype) for f in given.values() if hasattr(f, 'dtype')})}, devices "
+            f"{sorted(map(str, devices))}."
         )
-    for c in classes:
-        _check_features(features_by_class[c], f"decompose_head: class {c}", D, k, discovery)
-    dtype = next(iter(dtypes))
+    with stage("checks"):
+        lows = {c: _check_features(f, f"decompose_head: class {c}", D, k, discovery) for c, f in tensors.items()}
+        count_read(int(len(tensors) > 0))  # one aminmax per class: one read of the batch
+    for c, src in sources.items():
+        if src.dim != D:
+            raise ValueError(f"decompose_head: class {c}: row source has D={src.dim}; expected the head's D={D}.")
+    dtype = next(iter(compute)) if compute else weight.dtype
     if weight.dtype != dtype:
-        raise TypeError(f"decompose_head: weight dtype {weight.dtype} differs from the features' {dtype}; cast one.")
-    dev = torch.device(device) if device is not None else next(iter(devices))
+        raise TypeError(f"decompose_head: weight dtype {weight.dtype} differs from the features' compute dtype "
+                        f"{dtype}; cast one.")
+    dev = torch.device(device) if device is not None else (next(iter(devices)) if devices else torch.device("cpu"))
     opts = dict(nmf_options or {})
+    itemsize = torch.empty((), dtype=dtype).element_size()
 
-    flat = {c: features_by_class[c].reshape(-1, D) for c in classes}
+    flat = {c: f.reshape(-1, D) for c, f in tensors.items()}
     if discovery == "auto":  # class by class, so a class's method never depends on its shard
-        method = {c: "nmf" if float(flat[c].min()) >= 0 else "hybrid_nmf" for c in classes}
+        method = {c: "nmf" if lows[c] >= 0 else "hybrid_nmf" for c in flat}
+        method.update(dict.fromkeys(sources, "nmf"))
     else:
         method = dict.fromkeys(classes, discovery)
+    bad = [c for c in sources if method[c] != "nmf"]
+    if bad:
+        raise ValueError(f"decompose_head: classes {bad[:5]} are row sources, which only discovery 'nmf' or 'auto' "
+                         f"reads (non-negative features); got discovery={discovery!r}. Fix: pass their features "
+                         "as tensors.")
+    streamed = sorted(set(sources) | {c for c in flat if method[c] == "nmf" and
+                                      flat[c].shape[0] * D * itemsize > stream_bytes})
+    for c in streamed:
+        if c in flat:
+            sources[c] = TensorRows(flat.pop(c))
     batches = []
-    itemsize = torch.empty((), dtype=dtype).element_size()
     for how in DISCOVERIES[1:]:
         cur, cur_m = [], 0
-        for c in (c for c in classes if method[c] == how):
+        for c in (c for c in classes if c in flat and method[c] == how):
             m_new = max(cur_m, flat[c].shape[0])
             if cur and (len(cur) + 1) * m_new * D * itemsize > max_batch_bytes:
                 batches.append((how, cur))
@@ -491,22 +457,32 @@ def decompose_head(
 
     parts = []
     done = 0
+    common = (normalization, target, refine_ridge, refine_iter, dev)
     for how, batch in batches:
-        parts.append(_decompose_batch(
-            [flat[c] for c in batch], weight[batch], k, [seed * 1_000_003 + c for c in batch], opts,
-            normalization, target, refine_ridge, refine_iter, dev, how,
-        ))
+        parts.append(_decompose_batch([flat[c] for c in batch], weight[batch], k, [seed * 1_000_003 + c for c in batch],
+                                      opts, *common, how, dtype))
         done += len(batch)
         if progress is not None:
             progress(done, len(classes))
-    # back to class order (batches are grouped by discovery method)
-    order = torch.tensor([c for _, batch in batches for c in batch]).argsort()
-    cat = lambda name: torch.cat([p[name] for p in parts])[order.to(parts[0][name].device)]  # noqa: E731
+    for c in streamed:
+        parts.append(_decompose_streamed(sources[c], weight[c], k, seed * 1_000_003 + c, opts, *common, dtype,
+                                         f"decompose_head: class {c}"))
+        done += 1
+        if progress is not None:
+            progress(done, len(classes))
+    # back to class order (batches are grouped by discovery method, streamed classes last)
+    order = torch.tensor([c for _, batch in batches for c in batch] + streamed).argsort()
+    cat = lambda name: torch.cat([p[name].to(dev) for p in parts])[order.to(dev)]  # noqa: E731
     diagnostics = {n: torch.cat([p["diagnostics"][n] for p in parts])[order] for n in parts[0]["diagnostics"]}
     return HeadDecomposition(
         prototypes=cat("prototypes"), initial=cat("initial"), alpha=cat("alpha"), residual=cat("residual"),
         rel_error=cat("rel_error"), head_error=cat("head_error"), classes=classes, diagnostics=diagnostics,
     )
+
+
+def _compute_dtype(dt: torch.dtype) -> torch.dtype:
+    """Half-precision features are stored that way, computed in float32."""
+    return dt if dt in (torch.float32, torch.float64) else torch.float32
 
 
 def decompose_class(

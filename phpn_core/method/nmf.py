@@ -31,6 +31,8 @@ import warnings
 
 import torch
 
+from phpn_core.method.rows import DEFAULT_BLOCK_BYTES, BlockProducts, DenseProducts, RowSource
+from phpn_core.method.stages import stage
 from phpn_core.method.factorization import (
     NMFConvergenceWarning,
     NMFResult,
@@ -94,26 +96,26 @@ def _sq_error(xnorm2, A_P, P, G_E, G_P):
     return (xnorm2 - 2 * (A_P * P).sum((1, 2)) + (G_E * G_P).sum((1, 2))).clamp_min(0)
 
 
-def _range_finder(X: torch.Tensor, l: int, power_iters: int, seeds: list[int]) -> torch.Tensor:
-    """Orthonormal basis ``[B, m, l]`` of an approximate range of X ``[B, m, D]``.
+def _range_finder(op, l: int, power_iters: int, seeds: list[int], device, dtype) -> torch.Tensor:
+    """Orthonormal basis ``[B, m, l]`` of an approximate range of X (``op``, ``[B, m, D]``); ``1 + 2 power_iters``
+    reads of X.
 
     Each matrix draws its test matrix from its own seed, so its result does not depend on its batch-mates.
     """
-    gen = torch.Generator(device=X.device)
+    gen = torch.Generator(device=device)
     draws = []
     for s in seeds:
         gen.manual_seed(int(s))
-        draws.append(torch.randn(X.shape[2], l, generator=gen, device=X.device, dtype=X.dtype))
-    omega = torch.stack(draws)
-    Y = torch.linalg.qr(torch.bmm(X, omega)).Q
+        draws.append(torch.randn(op.shape[2], l, generator=gen, device=device, dtype=dtype))
+    Y = torch.linalg.qr(op.times(torch.stack(draws))).Q
     for _ in range(power_iters):
-        Z = torch.linalg.qr(torch.bmm(X.transpose(1, 2), Y)).Q
-        Y = torch.linalg.qr(torch.bmm(X, Z)).Q
+        Z = torch.linalg.qr(op.t_times(Y.transpose(1, 2).contiguous()).transpose(1, 2)).Q
+        Y = torch.linalg.qr(op.times(Z)).Q
     return Y
 
 
 def nmf(
-    X: torch.Tensor,
+    X: torch.Tensor | RowSource,
     k: int,
     *,
     max_iter: int = 500,
@@ -122,28 +124,31 @@ def nmf(
     device: str | torch.device | None = None,
     solver: str = "auto",
     oversample: int = 20,
-    power_iters: int = 2,
+    power_iters: int = 1,
     polish_iter: int = 14,
     polish_sweeps: int = 10,
     check_every: int = 5,
     row_counts: torch.Tensor | None = None,
     item_seeds: list[int] | None = None,
     extrapolate: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    block_bytes: int | None = None,
 ) -> NMFResult:
     """Factorise non-negative ``X ~= E @ P``, one matrix or a batch at once.
 
     Args:
-        X: ``[m, D]`` or ``[B, m, D]``, float32/float64, finite, >= 0. Not modified.
+        X: ``[m, D]`` or ``[B, m, D]``, float, finite, >= 0 (not modified); or a
+            :class:`~phpn_core.method.rows.RowSource` (one matrix, streamed in row blocks: see below).
         k: number of components, ``1 <= k <= min(m, D)``.
         max_iter: most sweeps in the compressed phase (``rhals``) or in total (``hals``).
         tol: stop when the error's relative decrease over ``check_every`` sweeps falls below ``tol``.
         seed: seeds the range finder; the same seed, device and input give the same result.
         device: where to compute (default: X's device). Results come back on that device.
         solver: ``"rhals"`` (compressed + exact polish), ``"hals"`` (exact) or ``"auto"`` (``rhals`` when
-            compression shrinks the problem at least 4x, else ``hals``).
+            compression shrinks the problem at least 4x, else ``hals``). A row source always uses ``rhals``.
         oversample: extra range-finder columns beyond k (``rhals``).
-        power_iters: range-finder power iterations (``rhals``).
-        polish_iter: most exact iterations after the compressed phase (``rhals``).
+        power_iters: range-finder power iterations (``rhals``; each reads X twice).
+        polish_iter: most exact iterations after the compressed phase (``rhals``; each reads X twice).
         polish_sweeps: HALS sweeps per product with X in exact iterations (accelerated HALS, Gillis &
             Glineur 2012: the products with X dominate, the sweeps are cheap).
         check_every: sweeps between convergence checks (each costs a device sync).
@@ -151,94 +156,160 @@ def nmf(
         extrapolate: accelerate HALS by extrapolation with restarts (Ang & Gillis 2019).
         item_seeds: one seed per matrix (default ``seed + b``); a matrix's result depends only on its own data
             and seed, not on what else is in the batch.
+        compute_dtype: the dtype of the arithmetic (default: X's dtype, float32 for float16/bfloat16 X). Half
+            precision X is read block by block and cast per block, never copied whole.
+        block_bytes: rows per block of a row source, in bytes of the compute dtype
+            (default :data:`~phpn_core.method.rows.DEFAULT_BLOCK_BYTES`).
 
     Returns:
-        :class:`NMFResult` with ``E [.., m, k]``, ``P [.., k, D]``, ``rel_error``, ``n_iter``, ``converged``.
+        :class:`NMFResult` with ``E [.., m, k]``, ``P [.., k, D]``, ``rel_error``, ``n_iter``, ``converged``
+        (a row source gives the unbatched shapes).
 
     Raises:
         TypeError, ValueError: with what was expected and what was got.
     """
-    check_factorization_input(X, k)
-    if max_iter < 1 or polish_iter < 0 or not (tol >= 0) or check_every < 1:
+    if max_iter < 1 or polish_iter < 0 or not (tol >= 0) or check_every < 1 or power_iters < 0:
         raise ValueError(
-            f"nmf: need max_iter >= 1, polish_iter >= 0, tol >= 0, check_every >= 1; got max_iter={max_iter}, "
-            f"polish_iter={polish_iter}, tol={tol}, check_every={check_every}."
+            f"nmf: need max_iter >= 1, polish_iter >= 0, power_iters >= 0, tol >= 0, check_every >= 1; got "
+            f"max_iter={max_iter}, polish_iter={polish_iter}, power_iters={power_iters}, tol={tol}, "
+            f"check_every={check_every}."
         )
     if solver not in ("auto", "rhals", "hals"):
         raise ValueError(f"nmf: solver must be 'auto', 'rhals' or 'hals'; got {solver!r}.")
+    options = dict(max_iter=max_iter, tol=tol, solver=solver, oversample=oversample, power_iters=power_iters,
+                   polish_iter=polish_iter, polish_sweeps=polish_sweeps, check_every=check_every,
+                   extrapolate=extrapolate)
+    if isinstance(X, RowSource):
+        op, stats = checked_source(X, k, device=device, compute_dtype=compute_dtype, block_bytes=block_bytes)
+        seeds = checked_item_seeds(item_seeds, seed, 1, "nmf")
+        res = factorize(op, k, xnorm2=stats["sq_norm"].view(1), fill=(stats["total"] / (X.n_rows * X.dim)).view(1),
+                        item_seeds=seeds, **{**options, "solver": "rhals" if solver == "auto" else solver})
+        return NMFResult(res.E[0], res.P[0], res.rel_error[0], int(res.n_iter[0]), res.converged[0])
+    with stage("checks"):
+        check_factorization_input(X, k)
     batched = X.ndim == 3
     dev = torch.device(device) if device is not None else X.device
-    Xb = (X if batched else X.unsqueeze(0)).to(dev)
-    B, m, D = Xb.shape
+    cdt = compute_dtype or (X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32)
+    Xb = (X if batched else X.unsqueeze(0)).to(device=dev, dtype=cdt)
+    B = Xb.shape[0]
+    rc = checked_row_counts(row_counts, B, Xb.shape[1], k, dev, "nmf")
+    op = DenseProducts(Xb)
+    n_valid = (rc.to(cdt) if rc is not None else torch.full((B,), float(Xb.shape[1]), dtype=cdt, device=dev)) \
+        * Xb.shape[2]
+    with stage("stats"):
+        xnorm2, fill = op.sq_norm(), op.total() / n_valid
+    res = factorize(op, k, xnorm2=xnorm2, fill=fill, row_counts=rc,
+                    item_seeds=checked_item_seeds(item_seeds, seed, B, "nmf"), **options)
+    if not batched:
+        return NMFResult(res.E[0], res.P[0], res.rel_error[0], int(res.n_iter[0]), res.converged[0])
+    return res
+
+
+def checked_source(source: RowSource, k: int, *, device=None, compute_dtype=None, block_bytes=None,
+                   who: str = "nmf") -> tuple[BlockProducts, dict]:
+    """A row source's products and its one-read scan (min, max, total, squares), checked as :func:`nmf` checks
+    a tensor: finite, non-negative, ``1 <= k <= min(m, D)``."""
+    cdt = compute_dtype or (source.dtype if source.dtype in (torch.float32, torch.float64) else torch.float32)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    op = BlockProducts(source, device=dev, dtype=cdt, block_bytes=block_bytes or DEFAULT_BLOCK_BYTES)
+    m, D = source.n_rows, source.dim
+    if m == 0 or D == 0 or isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, D):
+        raise ValueError(f"{who}: k must be an int in [1, min(m, D)] for rows of shape [{m}, {D}]; got k={k!r}.")
+    with stage("checks"):
+        stats = op.scan()
+    lo, hi = float(stats["min"]), float(stats["max"])
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{who}: X must be finite; got NaN/inf entries (min {lo}, max {hi}). Check the feature "
+                         "extraction.")
+    if lo < 0:
+        raise ValueError(
+            f"{who}: X must be non-negative (post-ReLU features); got a minimum of {lo:.4g}. Apply the backbone's "
+            "documented feature shift, or use features taken after a ReLU.")
+    stats = {n: v.to(device=dev, dtype=cdt) for n, v in stats.items()}
+    return op, stats
+
+
+def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seeds: list[int],
+              row_counts: torch.Tensor | None = None, max_iter: int = 500, tol: float = 1e-6, solver: str = "auto",
+              oversample: int = 20, power_iters: int = 1, polish_iter: int = 14, polish_sweeps: int = 10,
+              check_every: int = 5, extrapolate: bool = True, compressed_tol: float | None = None) -> NMFResult:
+    """:func:`nmf` on checked input: ``op`` a :class:`~phpn_core.method.rows.DenseProducts` or
+    :class:`~phpn_core.method.rows.BlockProducts` of shape ``[B, m, D]``, ``xnorm2`` ``[B]`` its squared norms,
+    ``fill`` ``[B]`` its means over the real entries. Returns the batched :class:`NMFResult`.
+
+    X is only ever touched through ``op``: per exact iteration two products; the final error comes from the last
+    iteration's own products (no extra read)."""
+    B, m, D = op.shape
+    dev, dt = xnorm2.device, xnorm2.dtype
     l = min(m, D, k + oversample)
     if solver == "auto":
         solver = "rhals" if (m * D) >= 4 * l * (m + D) else "hals"
-
+    if solver == "hals" and not isinstance(op, DenseProducts):
+        solver = "rhals"  # the exact SVD start needs X whole
     mask = None
-    rc = checked_row_counts(row_counts, B, m, k, dev, "nmf")
-    if rc is not None:
-        mask = (torch.arange(m, device=dev).unsqueeze(0) < rc.unsqueeze(1)).to(Xb.dtype).unsqueeze(2)  # [B,m,1]
-        n_valid = rc.to(Xb.dtype) * D
-    else:
-        n_valid = torch.full((B,), float(m * D), dtype=Xb.dtype, device=dev)
-    item_seeds = checked_item_seeds(item_seeds, seed, B, "nmf")
-    xnorm2 = (Xb * Xb).sum((1, 2))
-    fill = Xb.sum((1, 2)) / n_valid
+    if row_counts is not None:
+        mask = (torch.arange(m, device=dev).unsqueeze(0) < row_counts.unsqueeze(1)).to(dt).unsqueeze(1)  # [B,1,m]
 
     if solver == "rhals":
-        Q = _range_finder(Xb, l, power_iters, list(item_seeds))
-        Yc = torch.bmm(Q.transpose(1, 2), Xb)  # [B, l, D]
-        Ub, S, Vh = torch.linalg.svd(Yc, full_matrices=False)
-        E, P = _nndsvda(torch.bmm(Q, Ub), S, Vh, k, fill)
+        with stage("range_finder"):
+            Q = _range_finder(op, l, power_iters, list(item_seeds), dev, dt)  # [B, m, l]
+        with stage("project_start"):
+            Qt = Q.transpose(1, 2).contiguous()  # [B, l, m]
+            Yc = op.t_times(Qt)  # [B, l, D]
+            Ub, S, Vh = torch.linalg.svd(Yc, full_matrices=False)
+            E, P = _nndsvda(torch.bmm(Q, Ub), S, Vh, k, fill)
     else:
-        U, S, Vh = torch.linalg.svd(Xb, full_matrices=False)
-        E, P = _nndsvda(U, S, Vh, k, fill)
-    if mask is not None:
-        E = E * mask
-
-    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
+        with stage("start"):
+            U, S, Vh = torch.linalg.svd(op.X, full_matrices=False)
+            E, P = _nndsvda(U, S, Vh, k, fill)
     Et = E.transpose(1, 2).contiguous()  # [B, k, m]: component-major, so each HALS step is one contiguous block
-    Xt = Xb.transpose(1, 2)  # [B, D, m] view
-    if solver == "rhals":
-        Qt = Q.transpose(1, 2).contiguous()  # [B, l, m]
-
-    def products(Et, P, exact: bool):
-        """``(P X^T, P P^T)`` for the E step; the P step's ``E^T X`` is computed after E moves."""
-        A_E = torch.bmm(P, Xt) if exact else torch.bmm(torch.bmm(P, Yc.transpose(1, 2)), Qt)
-        return A_E, torch.bmm(P, P.transpose(1, 2))
-
-    def cross(Et, exact: bool):
-        return torch.bmm(Et, Xb) if exact else torch.bmm(torch.bmm(Et, Q), Yc)
+    if mask is not None:
+        Et = Et * mask
+    n_iter = torch.zeros(B, dtype=torch.long, device=dev)
+    fast_path = dev.type == "cpu"  # a host sync per sweep is free on the CPU, not on an accelerator
 
     def run_phase(n_max: int, exact: bool, sweeps: int, Et, P, active, tol: float):
         """HALS with extrapolation (Ang & Gillis 2019): each update starts from ``x + beta (x - x_prev)`` while
         the error keeps falling; a rise restarts from the last accepted iterate with a smaller beta. The error
-        of each iterate is nearly free: it comes from the P step's own products."""
+        of each iterate is nearly free: it comes from the P step's own products. Returns the accepted iterate,
+        the still-active mask and the accepted iterate's error ``||X - E P||`` (exact when ``exact``)."""
         yn2 = xnorm2 if exact else (Yc * Yc).sum((1, 2))
         prev_check = None
         Ey, Py = Et, P
-        err_acc = torch.full((B,), float("inf"), dtype=Xb.dtype, device=dev)
-        beta = torch.full((B, 1, 1), 0.5, dtype=Xb.dtype, device=dev)
+        err_acc = torch.full((B,), float("inf"), dtype=dt, device=dev)
+        beta = torch.full((B, 1, 1), 0.5, dtype=dt, device=dev)
         beta_bar = torch.ones_like(beta)
         for it in range(n_max):
-            A_E, G_P = products(Ey, Py, exact)
+            A_E = op.times_t(Py) if exact else torch.bmm(torch.bmm(Py, Yc.transpose(1, 2)), Qt)
+            G_P = torch.bmm(Py, Py.transpose(1, 2))
             Et_new = _hals_rows(Ey, A_E, G_P, 0.0, sweeps)
             G_E = torch.bmm(Et_new, Et_new.transpose(1, 2))
-            A_P = cross(Et_new, exact)
+            A_P = op.t_times(Et_new) if exact else torch.bmm(torch.bmm(Et_new, Q), Yc)
             P_new = _hals_rows(Py, A_P, G_E, _EPS_P, sweeps)
             err = _sq_error(yn2, A_P, P_new, G_E, torch.bmm(P_new, P_new.transpose(1, 2))).sqrt()
             # Frozen (converged) matrices never move, so a result does not depend on its batch-mates.
-            ok = (active & (err <= err_acc)).view(B, 1, 1)
-            Et_next, P_next = torch.where(ok, Et_new, Et), torch.where(ok, P_new, P)
-            if extrapolate:
-                Ey = torch.where(ok, (Et_new + beta * (Et_new - Et)).clamp_(min=0), Et_next)
-                Py = torch.where(ok, (P_new + beta * (P_new - P)).clamp_(min=_EPS_P), P_next)
-                beta_bar = torch.where(ok, (beta_bar * 1.01).clamp_(max=1.0), beta)
-                beta = torch.where(ok, torch.minimum(beta_bar, beta * 1.05), beta / 1.5)
+            ok_b = active & (err <= err_acc)
+            if fast_path and bool(ok_b.all()):
+                if extrapolate:
+                    Ey = (Et_new + beta * (Et_new - Et)).clamp_(min=0)
+                    Py = (P_new + beta * (P_new - P)).clamp_(min=_EPS_P)
+                    beta_bar = (beta_bar * 1.01).clamp_(max=1.0)
+                    beta = torch.minimum(beta_bar, beta * 1.05)
+                else:
+                    Ey, Py = Et_new, P_new
+                Et, P, err_acc = Et_new, P_new, err
             else:
-                Ey, Py = Et_next, P_next
-            err_acc = torch.where(ok.view(B), err, err_acc)
-            Et, P = Et_next, P_next
+                ok = ok_b.view(B, 1, 1)
+                Et_next, P_next = torch.where(ok, Et_new, Et), torch.where(ok, P_new, P)
+                if extrapolate:
+                    Ey = torch.where(ok, (Et_new + beta * (Et_new - Et)).clamp_(min=0), Et_next)
+                    Py = torch.where(ok, (P_new + beta * (P_new - P)).clamp_(min=_EPS_P), P_next)
+                    beta_bar = torch.where(ok, (beta_bar * 1.01).clamp_(max=1.0), beta)
+                    beta = torch.where(ok, torch.minimum(beta_bar, beta * 1.05), beta / 1.5)
+                else:
+                    Ey, Py = Et_next, P_next
+                err_acc = torch.where(ok_b, err, err_acc)
+                Et, P = Et_next, P_next
             n_iter.add_(active.long())
             if (it + 1) % check_every == 0 or it == n_max - 1:
                 if prev_check is not None:
@@ -246,21 +317,25 @@ def nmf(
                 prev_check = err_acc.clone()
                 if not bool(active.any()):
                     break
-        return Et, P, active
+        return Et, P, active, err_acc
 
     active = torch.ones(B, dtype=torch.bool, device=dev)
     if solver == "rhals":
         # The compressed problem only has to bring the factors near the optimum: the exact polish finishes.
-        c_tol = tol * 10 if polish_iter > 0 else tol
-        Et, P, active = run_phase(max_iter, False, 1, Et, P, active, c_tol)
-        if polish_iter > 0:  # convergence is then judged on the exact problem
-            Et, P, active = run_phase(polish_iter, True, polish_sweeps, Et, P, torch.ones_like(active), tol)
+        c_tol = compressed_tol if compressed_tol is not None else (tol * 10 if polish_iter > 0 else tol)
+        with stage("compressed"):
+            Et, P, active, err = run_phase(max_iter, False, 1, Et, P, active, c_tol)
+        with stage("polish"):
+            if polish_iter > 0:  # convergence is then judged on the exact problem
+                Et, P, active, err = run_phase(polish_iter, True, polish_sweeps, Et, P, torch.ones_like(active), tol)
+            else:  # the compressed error is not the true one: one more read
+                err = _sq_error(xnorm2, op.t_times(Et), P, torch.bmm(Et, Et.transpose(1, 2)),
+                                torch.bmm(P, P.transpose(1, 2))).sqrt()
     else:
-        Et, P, active = run_phase(max_iter, True, polish_sweeps, Et, P, active, tol)
+        with stage("sweeps"):
+            Et, P, active, err = run_phase(max_iter, True, polish_sweeps, Et, P, active, tol)
 
-    # Exact final error (one more product with X, so rel_error is the true one, not the compressed one).
-    err2 = _sq_error(xnorm2, torch.bmm(Et, Xb), P, torch.bmm(Et, Et.transpose(1, 2)), torch.bmm(P, P.transpose(1, 2)))
-    rel = torch.where(xnorm2 > 0, (err2 / xnorm2.clamp_min(1e-300)).sqrt(), torch.zeros_like(err2))
+    rel = torch.where(xnorm2 > 0, err / xnorm2.clamp_min(1e-300).sqrt(), torch.zeros_like(err))
     E = Et.transpose(1, 2).contiguous()
     converged = ~active
     if not bool(converged.all()):
@@ -268,10 +343,8 @@ def nmf(
             f"nmf: {int((~converged).sum())} of {B} factorisations stopped at the iteration limit before the "
             f"relative error change fell below tol={tol}; increase max_iter/polish_iter or tol.",
             NMFConvergenceWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    if not batched:
-        return NMFResult(E[0], P[0], rel[0], int(n_iter[0]), converged[0])
     return NMFResult(E, P, rel, n_iter, converged)
 
 

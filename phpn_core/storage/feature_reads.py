@@ -6,8 +6,37 @@ import numpy as np
 import torch
 
 from phpn_core.errors import StoreError
+from phpn_core.method.rows import RowSource
 
-__all__ = ["ClassReads"]
+__all__ = ["ClassReads", "StoreRows"]
+
+
+class StoreRows(RowSource):
+    """Class ``c``'s feature rows ``[n_c H W, D]`` read from the store in blocks of whole chunks, in the storage
+    dtype (no float32 copy of the class: the solver casts each block). Reading again re-reads the store, so the
+    memory held is one block, whatever the class size. Made by :meth:`ClassReads.class_row_source`."""
+
+    def __init__(self, store, c: int):
+        self.store, self.c = store, int(c)
+        self.start, self.stop = store.class_rows(self.c)
+        H, W, D = store.schema.feature_shape
+        self.hw, self.dim = H * W, D
+        self.n_rows = (self.stop - self.start) * self.hw
+        self.dtype = getattr(torch, np.dtype(store.schema.dtype).name)
+
+    def blocks(self, block_rows: int):
+        ipc = self.store.images_per_chunk
+        # whole chunks per block (Zarr decodes whole chunks anyway); at least one chunk
+        images = max(ipc, (max(1, block_rows // self.hw) // ipc) * ipc)
+        arr = self.store._array("features")
+        first = self.start
+        while first < self.stop:
+            # blocks end on chunk boundaries (the class starts on one)
+            last = min(self.stop, first + images)
+            with self.store._io(f"read class {self.c}'s features from"):
+                block = np.asarray(arr[first:last])
+            yield (first - self.start) * self.hw, torch.from_numpy(block).reshape(-1, self.dim)
+            first = last
 
 
 class ClassReads:
@@ -33,6 +62,13 @@ class ClassReads:
         with self._io(f"read class {int(c)}'s features from"):
             arr = self._array("features")[start:stop]
         return torch.from_numpy(np.asarray(arr)).to(dtype)
+
+    def class_row_source(self, c: int) -> StoreRows:
+        """Class ``c``'s features as a :class:`~phpn_core.method.rows.RowSource` (``[n_c H W, D]`` in row blocks
+        of whole chunks, storage dtype) for :func:`~phpn_core.method.decompose.decompose_head`: a class of any size
+        in the memory of one block. Raises StoreError if any of its chunks is unwritten."""
+        self._require_done(int(c), "features")
+        return StoreRows(self, int(c))
 
     def class_keypoints(self, c: int) -> torch.Tensor | None:
         """Keypoints of class ``c``'s images, ``[n_c, P, 3]`` float32 rows ``(x, y, visible)``; None if the store
