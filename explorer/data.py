@@ -44,7 +44,9 @@ __all__ = ["ExplorerData", "ClassView", "EntryRow", "NotFound", "BadRequest", "c
 
 _ENTRY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 _METRIC_KEYS = ("accuracy_original", "accuracy_decomposed", "max_abs_logit_diff", "max_head_reconstruction_error",
-                "consistency", "stability", "n_test_images", "accuracy", "accuracy_cnn", "train_seconds")
+                "consistency", "stability", "insertion_auc", "deletion_auc", "insertion_auc_class",
+                "deletion_auc_class", "box_stability", "redundancy", "duplicate_rate", "n_test_images", "accuracy",
+                "accuracy_cnn", "train_seconds")
 
 
 

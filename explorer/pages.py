@@ -138,10 +138,33 @@ def _baselines_text(baselines: Mapping[str, Mapping[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+# The keypoint-free metrics (phpn_core.evaluation.keypoint_free): one row per method on an entry's page.
+KEYPOINT_FREE_COLUMNS = ("insertion_auc", "deletion_auc", "insertion_auc_class", "deletion_auc_class",
+                         "box_stability", "redundancy", "duplicate_rate")
+
+
+def _keypoint_free_table(row: Any) -> str:
+    """phpn and every baseline (one row each) x the keypoint-free metrics; empty when the run recorded none."""
+    methods = [("phpn", row.metrics)] + [(str(n), v) for n, v in row.baselines.items()]
+    if not any(vals.get(c) is not None for _, vals in methods for c in KEYPOINT_FREE_COLUMNS):
+        return ""
+    ths = "".join(f"<th scope=\"col\">{esc(c)}</th>" for c in KEYPOINT_FREE_COLUMNS)
+    trs = "".join(f"<tr><th scope=\"row\">{esc(n)}</th>" + "".join(_num(v.get(c)) for c in KEYPOINT_FREE_COLUMNS)
+                  + "</tr>" for n, v in methods)
+    return ("<h2>Without keypoints</h2>"
+            f"<table id=\"keypoint-free\"><thead><tr><th scope=\"col\">method</th>{ths}</tr></thead>"
+            f"<tbody>{trs}</tbody></table><p class=\"note\">Deletion/insertion AUC (RISE, normalised to [0, 1]): each "
+            "prototype's map against its own contribution, and (<code>_class</code>) the summed map against the class "
+            "logit; higher insertion, lower deletion is better. Box stability: fraction of (prototype, image) boxes "
+            "keeping IoU &gt;= 0.5 under ProtoEval's noise. Redundancy: largest cosine between two prototypes' maps "
+            "per class (mean over classes); duplicate rate: share of classes above 0.9. n/a: not recorded or not "
+            "defined (Grad-CAM has one map).</p>")
+
+
 def entries_page(rows: Sequence[Any], *, registry: str) -> str:
     head_cols = ["", "entry", "kind", "model", "dataset", "k", "classes", "D", "created", "acc. original",
                  "acc. decomposed / ProtoPNet", "max |logit diff|", "consistency", "stability",
-                 "baselines (cons. / stab.)"]
+                 "insertion AUC", "deletion AUC", "box stability", "redundancy", "baselines (cons. / stab.)"]
     ths = "".join(f"<th class=\"sortable\" scope=\"col\" onclick=\"phpnSort(this)\">{esc(h)}</th>" if h else
                   "<th scope=\"col\">compare</th>" for h in head_cols)
     trs = []
@@ -161,6 +184,8 @@ def entries_page(rows: Sequence[Any], *, registry: str) -> str:
             f"{_num(m.get('accuracy_original', m.get('accuracy_cnn')))}"
             f"{_num(m.get('accuracy_decomposed', m.get('accuracy')))}"
             f"{_num(m.get('max_abs_logit_diff'), 3)}{_num(m.get('consistency'))}{_num(m.get('stability'))}"
+            f"{_num(m.get('insertion_auc'), 3)}{_num(m.get('deletion_auc'), 3)}{_num(m.get('box_stability'), 3)}"
+            f"{_num(m.get('redundancy'), 3)}"
             f"<td class=\"wrap\">{esc(_baselines_text(r.baselines))}</td></tr>"
         )
     if not trs:
@@ -176,7 +201,9 @@ def entries_page(rows: Sequence[Any], *, registry: str) -> str:
             "<p class=\"note\">Click a column to sort; type to filter. Accuracy parity: the decomposed head's "
             "accuracy equals the original's by construction; a <em>protopnet</em> entry is the ante-hoc baseline "
             "trained on the same trunk and data (its own accuracy beside the trained CNN's). Consistency and stability: ProtoEval (percent, "
-            "higher is better). n/a: the run did not record it.</p>"
+            "higher is better). Insertion/deletion AUC, box stability, redundancy: the keypoint-free metrics in [0, 1] "
+            "(higher insertion and box stability, lower deletion and redundancy are better; every method's on the "
+            "entry's page). n/a: the run did not record it.</p>"
         )
     body = f"<h1>Registry entries <span class=\"muted\">({len(rows)})</span></h1>{table}"
     return layout("Entries", body, registry=registry)
@@ -209,7 +236,7 @@ def entry_page(row: Any, info: Any, class_names: Sequence[str]) -> str:
     body = (
         f"<h1>Entry <code>{esc(eid)}</code></h1>"
         f"<div class=\"cols\"><div><h2>Identity</h2><table><tbody>{itab}</tbody></table></div>"
-        f"<div><h2>Metrics</h2>{_metrics_table(row)}"
+        f"<div><h2>Metrics</h2>{_metrics_table(row)}{_keypoint_free_table(row)}"
         f"<p><a href=\"/explain?entry={q(eid)}\">Explain an image with this entry</a> - "
         f"<a href=\"/api/entries/{q(eid)}\">JSON</a></p></div></div>"
         f"<h2>Classes ({len(class_names)})</h2>"

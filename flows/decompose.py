@@ -160,6 +160,7 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
                     "classes_computed": len(computed), "classes_reused": len(rows) - len(computed),
                     "decomposition_seconds": round(t_fan, 3),
                     "shard_workers": sorted({f"{r['host']}:{r['pid']}" for r in records}),
+                    "shard_threads": sorted({r.get("torch_threads") for r in records if r.get("torch_threads")}),
                     "shard_pins": [p for p in pins if p]})
     if cfg.evaluate.report:
         metrics["report"] = build_report_task(cfg=cfg, model_rec=model_rec, registry_uri=registry_uri,
@@ -331,6 +332,7 @@ def _decompose_store(cfg: RunConfig, features_uri: str, head_uri: str, out_dir: 
         "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
         "shard_compute_seconds": round(shard_compute, 3),
         "shard_peak_rss_mb": max((r.get("peak_rss_mb") or 0.0 for r in records), default=None),
+        "shard_start_rss_mb": min((r.get("start_rss_mb") or 0.0 for r in records), default=None),
         "shard_workers": sorted({f"{r['host']}:{r['pid']}" for r in records}),
     })
     metrics["seconds"] = round(time.perf_counter() - t0, 3)

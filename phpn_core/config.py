@@ -185,6 +185,10 @@ class EvalConfig(_Frozen):
     seed: int = 0
     baselines: bool = True
     report: bool = True
+    keypoint_free: bool = Field(default=True, description="deletion/insertion AUC, box stability, redundancy")
+    keypoint_free_images: int | None = Field(default=4, ge=1, description="test images per class with "
+                                             "deletion/insertion curves (None: all); the other metrics use all")
+    keypoint_free_steps: int = Field(default=16, ge=2, description="perturbation steps of each curve")
 
 
 class ProtoPNetRunConfig(_Frozen):

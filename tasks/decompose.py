@@ -32,6 +32,7 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
     from phpn_core.storage.tensorio import read_tensors
 
     t0 = time.perf_counter()
+    rss_start = _rss_mb()
     registry = PrototypeRegistry(registry_uri)
     todo = sorted(set(classes) - registry.staged_classes(entry_id))
     record = {"classes": list(classes), "computed": todo, "reused": sorted(set(classes) - set(todo)),
@@ -58,7 +59,17 @@ def decompose_shard(*, features_uri: str, registry_uri: str, linear_uri: str, en
 
     return {**record, "seconds": round(time.perf_counter() - t0, 3),
             "max_head_error": float(hd.head_error.max()), "mean_rel_error": float(hd.rel_error.mean()),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "start_rss_mb": rss_start, "torch_threads": __import__("torch").get_num_threads()}
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory now (Linux), MB; None where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((round(int(line.split()[1]) / 1024, 1) for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        return None
 
 
 @task(cache_policy=NO_CACHE, name="publish-entry", task_run_name="publish-{entry_id}", retries=2, retry_delay_seconds=2,

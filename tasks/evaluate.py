@@ -60,7 +60,8 @@ def evaluate_parity(*, test_features_uri: str, registry_uri: str, linear_uri: st
 @task(cache_policy=NO_CACHE, name="evaluate-protoeval", task_run_name="evaluate-protoeval-{entry_id}")
 def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, entry_id: str, out_dir: str,
                        datasets=None) -> dict:
-    """ProtoEval consistency and stability of the prototypes (and of the baselines), on the test split."""
+    """ProtoEval consistency and stability (where the test split has part keypoints) and the keypoint-free
+    metrics (deletion/insertion AUC, box stability, redundancy) of the prototypes and of the baselines."""
     from phpn_core.data.factory import RunDatasets
     from phpn_core.evaluation.suite import evaluate_all
     from phpn_core.storage.registry import PrototypeRegistry
@@ -68,7 +69,7 @@ def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, en
 
     datasets = RunDatasets.of(cfg.dataset, datasets)
     ds = datasets.test
-    if not getattr(ds, "part_names", None):
+    if not getattr(ds, "part_names", None) and not cfg.evaluate.keypoint_free:
         return {"consistency": None, "stability": None, "note": f"{cfg.dataset.kind} has no part keypoints"}
     train = datasets.train if cfg.evaluate.baselines else None
     registry = PrototypeRegistry(registry_uri)
@@ -79,7 +80,8 @@ def evaluate_protoeval(*, cfg: RunConfig, model_rec: dict, registry_uri: str, en
     res = evaluate_all(features, head, ds, initial=arrays["initial"], train_dataset=train,
                        box_half_size=ev.box_half_size, threshold=ev.threshold, noise_std=ev.noise_std,
                        noise_clip=ev.noise_clip, seed=ev.seed, baselines=ev.baselines,
-                       device=pick_device(cfg.compute.device))
+                       device=pick_device(cfg.compute.device), keypoint_free_metrics=ev.keypoint_free,
+                       keypoint_free_images=ev.keypoint_free_images, keypoint_free_steps=ev.keypoint_free_steps)
     Path(out_dir, "evaluation.json").write_text(json.dumps(res["details"], indent=1))
     return res["summary"]
 
@@ -126,13 +128,20 @@ def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, ent
 
 def _per_class_metrics(arrays: dict, rows: list[int], metrics: dict, evaluation_json: Path) -> dict:
     """``{column: {class: value}}`` for the class pages: NMF relative error and head error of the decomposed
-    ``rows`` (registry arrays ``[C]``), and ProtoEval consistency/stability per class when this run computed them."""
+    ``rows`` (registry arrays ``[C]``), and ProtoEval consistency/stability and the keypoint-free metrics
+    (insertion/deletion AUC, box stability, redundancy) per class when this run computed them."""
     out = {column: {c: float(arrays[name][c]) for c in rows}
            for name, column in (("rel_error", "nmf_rel_error"), ("head_error", "head_error")) if name in arrays}
-    if metrics.get("consistency") is not None and evaluation_json.is_file():  # written by this run's ProtoEval
+    if evaluation_json.is_file() and (metrics.get("consistency") is not None
+                                      or metrics.get("insertion_auc") is not None):  # written by this run
         ours = json.loads(evaluation_json.read_text()).get("phpn") or {}
         for name in ("consistency", "stability"):
             values = ours.get(f"{name}_per_class")
             if isinstance(values, list) and len(values) == len(ours.get("classes") or []):
                 out[name] = {int(c): v for c, v in zip(ours["classes"], values)}
+        per_class = (ours.get("keypoint_free") or {}).get("per_class") or []
+        for name in ("insertion_auc", "deletion_auc", "box_stability", "redundancy"):
+            values = {int(r["class_index"]): r.get(name) for r in per_class if isinstance(r, dict)}
+            if values:
+                out[name] = values
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -72,3 +73,28 @@ def _head_on(head: PartPrototypeHead, device: torch.device) -> PartPrototypeHead
     if head.prototypes.device == device:
         return head
     return copy.deepcopy(head).to(device)
+
+
+_NOISE_SEED_STRIDE = 1_000_003
+
+
+def _noise_like(x: torch.Tensor, indices: Sequence[int], *, seed: int, noise_std: float, noise_clip: float
+                ) -> torch.Tensor:
+    """``clip(N(0, noise_std), -noise_clip, noise_clip)`` shaped like ``x [B, ...]``; image i seeded by its index.
+
+    ProtoEval's stability noise (:mod:`~phpn_core.evaluation.protoeval`); the keypoint-free box stability
+    (:mod:`~phpn_core.evaluation.keypoint_free`) draws the same noise for the same image and seed."""
+    g = torch.Generator(device="cpu")
+    rows = []
+    for i in indices:
+        g.manual_seed((seed * _NOISE_SEED_STRIDE + int(i)) % (1 << 63))
+        rows.append(torch.randn(tuple(x.shape[1:]), generator=g, dtype=torch.float32))
+    noise = torch.stack(rows) * noise_std
+    return noise.clamp(-noise_clip, noise_clip).to(x.device, x.dtype)
+
+
+def _box_bounds(peaks: torch.Tensor, H: int, W: int, hy: int, hx: int):
+    """ProtoEval's box around each peak: ``peaks [..., 2]`` (row, col) -> ``(y1, y2, x1, x2)``, each float64
+    ``[..., 1]``: ``[row - hy, row + hy] x [col - hx, col + hx]`` clipped to ``[0, H] x [0, W]``."""
+    r, c = peaks[..., 0:1].double(), peaks[..., 1:2].double()
+    return (r - hy).clamp_min(0), (r + hy).clamp_max(H), (c - hx).clamp_min(0), (c + hx).clamp_max(W)

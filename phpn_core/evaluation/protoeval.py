@@ -45,10 +45,12 @@ import torch.nn.functional as F
 from phpn_core.data.base import normalize
 from phpn_core.errors import InputValueError, ShapeError
 from phpn_core.evaluation._checks import (
+    _box_bounds,
     _check_eval_mode,
     _desc,
     _head_on,
     _module_device,
+    _noise_like,
     _require_float,
     _require_pos_int,
     _require_tensor,
@@ -60,7 +62,6 @@ __all__ = ['box_half_size_px', 'peak_locations', 'part_coverage', 'consistency',
 
 
 UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
-_NOISE_SEED_STRIDE = 1_000_003
 
 
 # ================================================================================================ ProtoEval: geometry
@@ -172,9 +173,7 @@ def _covered_from_peaks(peaks: torch.Tensor, keypoints: torch.Tensor, H: int, W:
     visible = kp[..., 2] > 0.5  # [N, P]
     kx = torch.where(visible, kp[..., 0], torch.zeros_like(kp[..., 0]))[:, None, :]  # [N, 1, P]
     ky = torch.where(visible, kp[..., 1], torch.zeros_like(kp[..., 1]))[:, None, :]
-    r, c = peaks[..., 0:1].double(), peaks[..., 1:2].double()  # [N, k, 1]
-    y1, y2 = (r - hy).clamp_min(0), (r + hy).clamp_max(H)
-    x1, x2 = (c - hx).clamp_min(0), (c + hx).clamp_max(W)
+    y1, y2, x1, x2 = _box_bounds(peaks, H, W, hy, hx)  # each [N, k, 1]
     inside = (ky >= y1) & (ky <= y2) & (kx >= x1) & (kx <= x2)
     return inside & visible[:, None, :]
 
@@ -360,18 +359,6 @@ def class_indices(dataset, classes, n_classes: int, who: str) -> tuple[list[int]
             f"evaluated class's test images. Fix: pass classes=[...] with the classes the dataset holds."
         )
     return classes, by_class
-
-
-def _noise_like(x: torch.Tensor, indices: Sequence[int], *, seed: int, noise_std: float, noise_clip: float
-                ) -> torch.Tensor:
-    """``clip(N(0, noise_std), -noise_clip, noise_clip)`` shaped like ``x [B, ...]``; image i seeded by its index."""
-    g = torch.Generator(device="cpu")
-    rows = []
-    for i in indices:
-        g.manual_seed((seed * _NOISE_SEED_STRIDE + int(i)) % (1 << 63))
-        rows.append(torch.randn(tuple(x.shape[1:]), generator=g, dtype=torch.float32))
-    noise = torch.stack(rows) * noise_std
-    return noise.clamp(-noise_clip, noise_clip).to(x.device, x.dtype)
 
 
 def _check_common(who: str, *, batch_size, noise_std, noise_clip, seed, upsample, threshold, box_half_size,

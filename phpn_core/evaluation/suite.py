@@ -1,7 +1,8 @@
 """The evaluation a run reports: phpn's prototypes beside the baselines, on the same model and images.
 
-Composition of :mod:`phpn_core.evaluation` (ProtoEval, faithfulness) and :mod:`phpn_core.evaluation.baselines`; returns a small JSON-ready summary
-(the numbers in metrics.json) and the per-prototype details (written next to it).
+Composition of :mod:`phpn_core.evaluation` (ProtoEval, faithfulness), :mod:`phpn_core.evaluation.keypoint_free`
+(deletion/insertion AUC, box stability, redundancy) and :mod:`phpn_core.evaluation.baselines`; returns a small
+JSON-ready summary (the numbers in metrics.json) and the per-prototype details (written next to it).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 import torch
 
 from phpn_core.evaluation.baselines import dff_concepts, gradcam_keypoint_hit
+from phpn_core.evaluation.keypoint_free import keypoint_free, keypoint_free_gradcam
 from phpn_core.evaluation.faithfulness import (
     completeness_error,
     linearity_check,
@@ -48,34 +50,62 @@ def _pe_summary(res) -> dict:
 def evaluate_all(features, head: PartPrototypeHead, dataset, *, initial: torch.Tensor | None = None,
                  train_dataset=None, box_half_size: float = 36, threshold: float = 0.8, noise_std: float = 0.2,
                  noise_clip: float = 0.25, seed: int = 0, baselines: bool = True, device=None,
-                 batch_size: int = 64) -> dict:
-    """ProtoEval for phpn (and, with ``baselines``, plain NMF prototypes, DFF concepts and Grad-CAM), plus the
-    faithfulness axioms. ``initial``: the plain NMF prototypes ``[C, k, D]``; ``train_dataset``: for DFF.
+                 batch_size: int = 64, keypoint_free_metrics: bool = True, keypoint_free_images: int | None = 4,
+                 keypoint_free_steps: int = 16) -> dict:
+    """ProtoEval and the keypoint-free metrics for phpn (and, with ``baselines``, plain NMF prototypes, DFF
+    concepts and Grad-CAM), plus the faithfulness axioms. ``initial``: the plain NMF prototypes ``[C, k, D]``;
+    ``train_dataset``: for DFF.
+
+    Keypoint-free metrics (:mod:`~phpn_core.evaluation.keypoint_free`; off with ``keypoint_free_metrics=False``):
+    ``insertion_auc``, ``deletion_auc`` (each prototype's oriented map against its own contribution, over the first
+    ``keypoint_free_images`` test images of each class, ``keypoint_free_steps`` steps; their cost is
+    ``2 + 2 (k + 1) (steps - 1)`` forward passes per image and method), ``insertion_auc_class``/``deletion_auc_class``
+    (the summed map against the class logit), ``box_stability`` and ``redundancy``/``duplicate_rate`` (all test
+    images), for phpn at the top level and under each baseline's key; Grad-CAM gets the AUCs and box stability
+    (redundancy needs two maps). ProtoEval runs only when the test set has part keypoints (``part_names``);
+    otherwise ``consistency``/``stability`` are None and the keypoint-free metrics are still computed.
 
     Returns ``{"summary": {...}, "details": {...}}``; ``summary`` has ``consistency``, ``stability``,
-    ``baselines`` and ``faithfulness``.
+    ``baselines`` and ``faithfulness`` (and the keypoint-free keys above).
     """
     t0 = time.perf_counter()
     common = dict(box_half_size=box_half_size, threshold=threshold, noise_std=noise_std, noise_clip=noise_clip,
                   seed=seed, device=device, batch_size=batch_size)
-    ours = protoeval(features, head, dataset, **common)
-    summary: dict = _pe_summary(ours)
-    details: dict = {"phpn": ours.to_dict()}
+    kf_common = dict(box_half_size=box_half_size, noise_std=noise_std, noise_clip=noise_clip, seed=seed,
+                     device=device, batch_size=batch_size, max_images=keypoint_free_images, steps=keypoint_free_steps)
+    has_parts = bool(getattr(dataset, "part_names", None))
+    summary: dict = {"consistency": None, "stability": None}
+    details: dict = {}
+
+    def run(name: str, out: dict, prototypes=None) -> None:
+        if has_parts:
+            pe = protoeval(features, head, dataset, prototypes_override=prototypes, **common)
+            out.update(_pe_summary(pe))
+            details[name] = pe.to_dict()
+        if keypoint_free_metrics:
+            kf = keypoint_free(features, head, dataset, prototypes_override=prototypes, **kf_common)
+            out.update(kf.summary())
+            details.setdefault(name, {})["keypoint_free"] = kf.to_dict()
+
+    run("phpn", summary)
     if baselines:
         base: dict = {}
         if initial is not None:
-            nmf_res = protoeval(features, head, dataset, prototypes_override=initial, **common)
-            base["plain_nmf"] = _pe_summary(nmf_res)
-            details["plain_nmf"] = nmf_res.to_dict()
+            run("plain_nmf", base.setdefault("plain_nmf", {}), initial)
         if train_dataset is not None:
             concepts = dff_concepts(features, train_dataset, k=head.k, device=device, batch_size=batch_size,
                                     seed=seed)
-            dff_res = protoeval(features, head, dataset, prototypes_override=concepts, **common)
-            base["dff"] = _pe_summary(dff_res)
-            details["dff"] = dff_res.to_dict()
-        gc = gradcam_keypoint_hit(features, head.weight, head.bias, dataset, box_half_size=box_half_size,
-                                  device=device, batch_size=batch_size)
-        base["gradcam"] = {"keypoint_hit_rate": float(gc.hit_rate)}
+            run("dff", base.setdefault("dff", {}), concepts)
+        gcam: dict = {}
+        if has_parts:
+            gc = gradcam_keypoint_hit(features, head.weight, head.bias, dataset, box_half_size=box_half_size,
+                                      device=device, batch_size=batch_size)
+            gcam["keypoint_hit_rate"] = float(gc.hit_rate)
+        if keypoint_free_metrics:
+            kf = keypoint_free_gradcam(features, head.weight, head.bias, dataset, **kf_common)
+            gcam.update({key: v for key, v in kf.summary().items() if key not in ("redundancy", "duplicate_rate")})
+            details["gradcam"] = {"keypoint_free": kf.to_dict()}
+        base["gradcam"] = gcam
         summary["baselines"] = base
     # Faithfulness on a few test images' feature maps.
     idx = list(range(min(16, len(dataset))))

@@ -65,8 +65,12 @@ PNG_DIR = "report_png"
 # The metrics shown first, in this order (any other scalar key follows, sorted).
 _METRIC_ORDER = (
     "accuracy_original", "accuracy_decomposed", "max_abs_logit_diff", "max_head_reconstruction_error",
-    "consistency", "stability", "n_classes", "k", "n_test_images", "seconds",
+    "consistency", "stability", "insertion_auc", "deletion_auc", "insertion_auc_class", "deletion_auc_class",
+    "box_stability", "redundancy", "duplicate_rate", "n_classes", "k", "n_test_images", "seconds",
 )
+# The comparison table's first columns (any other numeric key of the baselines follows).
+_COMPARE_ORDER = ("consistency", "stability", "insertion_auc", "deletion_auc", "insertion_auc_class",
+                  "deletion_auc_class", "box_stability", "redundancy", "duplicate_rate")
 _METRIC_HELP = {
     "accuracy_original": "top-1 accuracy of the original classifier on the test split",
     "accuracy_decomposed": "top-1 accuracy of the part-prototype head (equal to the original by construction)",
@@ -74,6 +78,14 @@ _METRIC_HELP = {
     "max_head_reconstruction_error": "largest |sum of a class's prototypes - its head row|",
     "consistency": "ProtoEval consistency (% of prototypes that cover one part in >= 80% of their class's images)",
     "stability": "ProtoEval stability (% of images whose covered parts survive input noise, averaged)",
+    "insertion_auc": "insertion AUC (RISE) of each prototype's map against its own contribution, normalised to "
+                     "[0, 1]; higher is better",
+    "deletion_auc": "deletion AUC (RISE) of each prototype's map against its own contribution; lower is better",
+    "insertion_auc_class": "insertion AUC of the summed prototype map against the class logit; higher is better",
+    "deletion_auc_class": "deletion AUC of the summed prototype map against the class logit; lower is better",
+    "box_stability": "fraction of (prototype, image) pairs whose 72 px argmax box keeps IoU >= 0.5 under noise",
+    "redundancy": "per class, the largest cosine between two prototypes' centred maps, averaged over classes",
+    "duplicate_rate": "share of classes with two prototypes whose maps have cosine > 0.9 (a duplicate)",
 }
 _DEFAULT_MAX_CLASSES = 10
 
@@ -265,10 +277,13 @@ def _baselines_html(metrics: Mapping[str, Any], png_dir: Path, viz: Any) -> str:
             if key not in cols and (v is None or isinstance(v, (int, float, np.integer, np.floating))) \
                     and not isinstance(v, bool):
                 cols.append(key)
-    preferred = [c for c in ("consistency", "stability") if c in cols]
+    preferred = [c for c in _COMPARE_ORDER if c in cols]
     cols = preferred + [c for c in cols if c not in preferred]
     if not cols:
         cols = ["consistency", "stability"]
+    # One chart scale: ProtoEval's percentages when present, else the [0, 1] keypoint-free numbers.
+    percent = [c for c in cols if c in ("consistency", "stability")]
+    chart_cols = percent or cols
     head = "".join(f"<th scope=\"col\">{esc(c)}</th>" for c in cols)
     trs = []
     for i, (name, vals) in enumerate(methods):
@@ -277,26 +292,29 @@ def _baselines_html(metrics: Mapping[str, Any], png_dir: Path, viz: Any) -> str:
         trs.append(f"<tr{cls}><th scope=\"row\">{esc(name)}</th>{tds}</tr>")
     table = (
         "<table class=\"baselines\"><caption class=\"note\">Higher is better for consistency and stability "
-        "(percentages).</caption>"
+        "(percentages), insertion AUC and box stability (in [0, 1]); lower is better for deletion AUC, redundancy "
+        "and duplicate rate. The keypoint-free metrics need no part keypoints (Grad-CAM has one map: no redundancy)."
+        "</caption>"
         f"<thead><tr><th scope=\"col\">method</th>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
     )
     figure = ""
     numeric = {
         name: [float(vals[c]) if isinstance(vals.get(c), (int, float, np.integer, np.floating))
-               and not isinstance(vals.get(c), bool) and math.isfinite(float(vals[c])) else float("nan") for c in cols]
+               and not isinstance(vals.get(c), bool) and math.isfinite(float(vals[c])) else float("nan")
+               for c in chart_cols]
         for name, vals in methods
     }
     if any(math.isfinite(v) for vs in numeric.values() for v in vs):
-        fig = viz.new_figure(120 + 110 * len(cols) * max(1, len(methods)) / 2, 300)
+        fig = viz.new_figure(120 + 110 * len(chart_cols) * max(1, len(methods)) / 2, 300)
         ax = fig.add_subplot(1, 1, 1)
         width = 0.8 / len(methods)
-        xs = np.arange(len(cols))
+        xs = np.arange(len(chart_cols))
         palette = ["#2c7bb6", "#fdae61", "#abd9e9", "#d7191c", "#a6d96a", "#7b3294"]
         for j, (name, vals) in enumerate(numeric.items()):
             heights = [0.0 if not math.isfinite(v) else v for v in vals]
             ax.bar(xs + (j - (len(methods) - 1) / 2) * width, heights, width, label=name,
                    color=palette[j % len(palette)])
-        ax.set_xticks(xs, cols, fontsize=9)
+        ax.set_xticks(xs, chart_cols, fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
         ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set_title("phpn vs baselines", fontsize=10)
@@ -305,7 +323,8 @@ def _baselines_html(metrics: Mapping[str, Any], png_dir: Path, viz: Any) -> str:
         fig.subplots_adjust(right=0.72, bottom=0.12)
         png = viz.figure_to_png(fig)
         (png_dir / "summary-baselines.png").write_bytes(png)
-        alt = "Bar chart comparing phpn with " + ", ".join(n for n, _ in methods[1:]) + " on " + ", ".join(cols)
+        alt = ("Bar chart comparing phpn with " + ", ".join(n for n, _ in methods[1:]) + " on "
+               + ", ".join(chart_cols))
         figure = f"<figure><img src=\"{data_uri(png)}\" alt=\"{esc(alt)}\"></figure>"
     return f"<section id=\"baselines\"><h2>Comparison with baselines</h2>{table}{figure}</section>"
 

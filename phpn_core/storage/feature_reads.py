@@ -26,8 +26,11 @@ class StoreRows(RowSource):
 
     def blocks(self, block_rows: int):
         ipc = self.store.images_per_chunk
-        # whole chunks per block (Zarr decodes whole chunks anyway); at least one chunk
-        images = max(ipc, (max(1, block_rows // self.hw) // ipc) * ipc)
+        # whole chunks per block where a chunk fits in one (Zarr decodes whole chunks anyway), else part of one:
+        # the block bound holds whatever the store's chunking
+        images = max(1, block_rows // self.hw)
+        if images >= ipc:
+            images = (images // ipc) * ipc
         arr = self.store._array("features")
         first = self.start
         while first < self.stop:

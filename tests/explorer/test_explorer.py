@@ -93,7 +93,10 @@ def run(tmp_path_factory):
                            digest=digest) for k in (3, 2)}
     metrics = {"entry_id": entries[3], "accuracy_original": 0.75, "accuracy_decomposed": 0.75,
                "max_abs_logit_diff": 1e-6, "consistency": 66.5, "stability": 80.25,
-               "baselines": {"plain_nmf": {"consistency": 70.0, "stability": 81.0}}}
+               "insertion_auc": 0.6125, "deletion_auc": 0.2375, "box_stability": 0.8125, "redundancy": 0.4375,
+               "duplicate_rate": 0.0,
+               "baselines": {"plain_nmf": {"consistency": 70.0, "stability": 81.0, "insertion_auc": 0.5625},
+                             "gradcam": {"insertion_auc": 0.6875, "deletion_auc": 0.1875}}}
     (root / "metrics.json").write_text(json.dumps(metrics))
     return {"root": root, "registry": registry, "entries": entries, "hds": hds, "bias": bias, "model": model,
             "test": test, "train": train, "stores": meta_stores, "digest": digest, "metrics": metrics}
@@ -126,13 +129,22 @@ def test_entries_api_and_table_show_every_entry_with_its_metrics(run, client):
     assert isinstance(rows, list) and sorted(x["entry_id"] for x in rows) == sorted(run["entries"].values())
     by_k = {x["k"]: x for x in rows}
     assert by_k[3]["metrics"]["consistency"] == 66.5 and by_k[3]["metrics_source"].endswith("metrics.json")
-    assert by_k[3]["baselines"] == {"plain_nmf": {"consistency": 70.0, "stability": 81.0}}
+    assert by_k[3]["baselines"] == run["metrics"]["baselines"]
+    assert by_k[3]["metrics"]["insertion_auc"] == 0.6125 and by_k[3]["metrics"]["redundancy"] == 0.4375
     assert by_k[2]["metrics"] == {}  # metrics.json names the other entry: not borrowed
     assert all(x["n_classes"] == N_CLASSES and x["model"] == "synthparts_cnn" for x in rows)
     page = client.get("/").text
     for eid in run["entries"].values():
         assert f'href="/entries/{eid}"' in page
     assert "66.5" in page and "80.25" in page and "plain_nmf: 70 / 81" in page
+    assert "insertion AUC" in page and "0.613" in page and "0.438" in page
+    # the entry's page: the keypoint-free metrics, one row per method
+    entry = client.get(f"/entries/{run['entries'][3]}").text
+    table = entry[entry.index('<table id="keypoint-free"'):]
+    table = table[: table.index("</table>")]
+    for method in ("phpn", "plain_nmf", "gradcam"):
+        assert f'<th scope="row">{method}</th>' in table
+    assert "0.6125" in table and "0.5625" in table and "0.1875" in table and "n/a" in table
     assert page.count('class="sortable"') >= 12 and "phpnFilter" in page  # sortable, filterable
 
 
@@ -311,7 +323,7 @@ def test_api_against_an_s3_registry(run, s3_server, s3_bucket):
     assert sorted(r["entry_id"] for r in rows) == sorted([eid, eid2]) and all(r["error"] is None for r in rows)
     by_id = {r["entry_id"]: r for r in rows}
     assert by_id[eid]["metrics"]["consistency"] == 61.25 and by_id[eid]["metrics_source"].startswith("registry")
-    assert by_id[eid]["baselines"]["plain_nmf"] == {"consistency": 70.0, "stability": 81.0}
+    assert by_id[eid]["baselines"]["plain_nmf"] == run["metrics"]["baselines"]["plain_nmf"]
     assert by_id[eid2]["metrics"] == {} and by_id[eid2]["metrics_source"] is None
     assert "61.25" in c.get("/").text
     one = c.get(f"/api/entries/{eid}").json()

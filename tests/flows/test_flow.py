@@ -184,4 +184,6 @@ def test_the_driver_builds_each_dataset_once_per_run(phpn_runtime, tmp_path, mon
     monkeypatch.setattr(factory, "_build", counting)
     m = decompose_flow(_cfg(evaluate={"enabled": True, "baselines": False, "report": True}), str(tmp_path / "run"))
     assert m["consistency"] is not None and (tmp_path / "run" / "report.html").is_file()
+    for key in ("insertion_auc", "deletion_auc", "box_stability", "redundancy", "duplicate_rate"):  # keypoint-free
+        assert 0.0 <= m[key] <= 1.0 or key == "redundancy", (key, m[key])
     assert sorted(built) == ["test", "train"], built

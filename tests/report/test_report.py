@@ -43,14 +43,15 @@ METRICS = {
     "max_head_reconstruction_error": 1.1920928955078125e-07,
     "consistency": 83.33333,
     "stability": None,  # tolerated: shown as n/a
+    "insertion_auc": 0.61349,
     "n_classes": N_CLASSES,
     "k": K,
     "seconds": 12.3456,
     "note": "<script>alert(1)</script>",  # escaped, never executed
     "baselines": {
-        "plain_nmf": {"consistency": 91.66667, "stability": 75.5},
-        "dff": {"consistency": 41.0, "stability": None},
-        "gradcam": {"consistency": 12.5},
+        "plain_nmf": {"consistency": 91.66667, "stability": 75.5, "insertion_auc": 0.4321},
+        "dff": {"consistency": 41.0, "stability": None, "deletion_auc": 0.2468},
+        "gradcam": {"consistency": 12.5, "box_stability": 0.8642},
     },
 }
 
@@ -181,8 +182,11 @@ def test_report_tables_show_the_metrics(report):
     table = table[: table.index("</table>")]
     for name in ("phpn (this run)", "plain_nmf", "dff", "gradcam"):
         assert f">{name}</th>" in table
-    for v in ("83.33", "91.67", "75.5", "41", "12.5", "n/a"):
+    for v in ("83.33", "91.67", "75.5", "41", "12.5", "n/a", "0.4321", "0.2468", "0.8642", "0.6135"):
         assert f">{v}</td>" in table, v
+    # the keypoint-free columns follow ProtoEval's, in a fixed order
+    heads = re.findall(r'<th scope="col">([a-z_]+)</th>', table)
+    assert heads == ["method", "consistency", "stability", "insertion_auc", "deletion_auc", "box_stability"], heads
     for c in range(N_CLASSES):
         assert f'id="class-{c}"' in html and f'href="#class-{c}"' in html
     why = re.findall(r'<li><code>[^<]+</code>: ((?:This is|Evidence for) class_\d\d \(logit -?\d+\.\d\d\)[^<]*)</li>', html)
