@@ -63,7 +63,7 @@ import torch
 
 from phpn_core.method.nmf import NMFResult, checked_source, factorize, nmf
 from phpn_core.method.refine import NORMALIZATIONS, TARGETS, refine
-from phpn_core.method.rows import DenseProducts, RowSource, TensorRows
+from phpn_core.method.rows import DenseProducts, RowSource, TensorRows, release_freed_memory
 from phpn_core.method.semi_nmf import semi_nmf
 from phpn_core.method.stages import count_read, stage
 
@@ -334,8 +334,10 @@ def _decompose_streamed(source: RowSource, v: torch.Tensor, k: int, seed: int, n
     res = factorize(op, k, xnorm2=stats["sq_norm"].view(1), fill=(stats["total"] / (source.n_rows * source.dim)
                                                                    ).view(1),
                     item_seeds=[seed], **{**_solver_options(nmf_options), "solver": "rhals"})
-    return _finish(res.P, lambda Z: op.times(Z.transpose(1, 2)), v.unsqueeze(0), res, "nmf", k, dtype,
-                   normalization, target, ridge, refine_iter)
+    out = _finish(res.P, lambda Z: op.times(Z.transpose(1, 2)), v.unsqueeze(0), res, "nmf", k, dtype,
+                  normalization, target, ridge, refine_iter)
+    release_freed_memory()
+    return out
 
 
 def decompose_head(

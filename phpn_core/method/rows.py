@@ -15,15 +15,42 @@ dtype on the compute device, used and dropped. Peak memory is then one block plu
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Iterator
 
 import torch
 
 from phpn_core.method.stages import count_read
 
-__all__ = ["RowSource", "TensorRows", "DenseProducts", "BlockProducts", "DEFAULT_BLOCK_BYTES"]
+__all__ = ["RowSource", "TensorRows", "DenseProducts", "BlockProducts", "DEFAULT_BLOCK_BYTES", "release_freed_memory"]
 
 DEFAULT_BLOCK_BYTES = 32 << 20  # one compute-dtype block: large enough for full-speed GEMMs, small against 1 GB
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Streaming frees a block-sized buffer per block; glibc then raises its mmap threshold and serves the next ones
+    from the heap, which it keeps: without this, a shard's resident memory grows by ~250 MB per streamed class."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _fix_mmap_threshold() -> None:
+    """Serve buffers of 1 MB and more by mmap, always (glibc ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere):
+    a freed block then goes back to the OS at once, in whichever thread's arena it was made."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 class RowSource:
@@ -89,10 +116,11 @@ class DenseProducts:
         return torch.bmm(P, self.X.transpose(1, 2))
 
     def sq_norm(self) -> torch.Tensor:
-        """``||X_b||^2`` ``[B]`` (one read, no temporary of X's size)."""
+        """``||X_b||^2`` ``[B]``. A pairwise sum of the squares: ``vector_norm``'s float32 accumulation is 0.5% off
+        for a class of 15,000 x 2048, which moves every relative error by as much."""
         self.passes += 1
         count_read()
-        return torch.linalg.vector_norm(self.X, dim=(1, 2)).square()
+        return (self.X * self.X).sum((1, 2))
 
     def total(self) -> torch.Tensor:
         self.passes += 1
@@ -114,6 +142,7 @@ class BlockProducts:
         self.shape = (1, source.n_rows, source.dim)
         self.passes = 0
         self.max_block_rows = 0
+        _fix_mmap_threshold()
 
     def _blocks(self):
         self.passes += 1
@@ -144,8 +173,9 @@ class BlockProducts:
         lo = hi = tot = sq = None
         for _, b in self._blocks():
             bl, bh = torch.aminmax(b)
-            bt = b.sum(dtype=torch.float64)
-            bs = torch.linalg.vector_norm(b, dtype=torch.float64).square()
+            # pairwise float32 sums within a block (no float64 copy of it), float64 across blocks
+            bt = b.sum().double()
+            bs = (b * b).sum().double()
             lo = bl if lo is None else torch.minimum(lo, bl)
             hi = bh if hi is None else torch.maximum(hi, bh)
             tot = bt if tot is None else tot + bt
