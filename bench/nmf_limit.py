@@ -3,35 +3,24 @@
 The unit: one streaming pass over the same features, ``F_c @ G`` with ``G [D, l]``, ``l = min(m, D, k +
 oversample)`` (the NMF range finder's width, ``oversample`` read from ``nmf``'s defaults), batched over the classes
 as the solver does it (``torch.bmm``), best of ``--repeats``. Every stage of ``decompose_head`` is then timed on the
-same batch (best of ``--repeats``) and printed as seconds per class and as stage time / one-pass time:
+same batch and printed as seconds per class and as stage time / one-pass time.
 
-- ``checks``: decompose_head's input checks (``isfinite`` per class), ``discovery="auto"``'s per-class minimum and
-  nmf's own input checks (``isfinite``, minimum), called as the library calls them;
-- ``padding``: the padded batch ``X [C, m, D]`` that ``_decompose_batch`` builds (one read and one write of F);
-- ``stats``: nmf's ``||X||^2`` and mean (``fill``);
-- ``range_finder``: ``nmf._range_finder`` (1 + 2 x power_iters products with X, QRs);
-- ``project_start``: ``Y = Q^T X``, the SVD of Y and the NNDSVDa start;
-- ``compressed``: the HALS sweeps on the compressed problem = nmf(tol=10 tol, polish_iter=0) minus the stages
-  above and the final error (with polish_iter=0 and tol x 10 the compressed phase is exactly the default one);
-- ``polish``: the exact HALS iterations on X = nmf(defaults) minus nmf(tol=10 tol, polish_iter=0); 2 products
-  with X per iteration;
-- ``final_error``: nmf's exact final error (one more ``E^T X``);
-- ``scaling``: the least-squares alpha and the residual R;
-- ``refine_gram``: the refinement's maps ``X [P; R]^T`` and their Gram matrix K (one pass over F);
-- ``refine_solve``: ``refine`` on K, the prototypes and the head check.
-
-For ``solver="hals"`` (what nmf's ``auto`` picks for small classes) the range finder, projection and the two
-phases are replaced by ``start`` (the exact SVD start) and ``sweeps``. The sum of the stages is printed next to
-``decompose_head`` timed end to end on the same batch. Also printed: nmf's mean relative error (defaults), the
-error after the compressed phase alone, polish iterations, and the float16 / bfloat16 pass time next to float32's.
+The stages are measured inside ``decompose_head`` itself (``phpn_core.method.stages.stage_clock``: each stage
+device-synchronised at its boundaries, and its reads of F counted), best end-to-end run of ``--repeats``:
+``checks`` (one ``aminmax`` per class), ``padding`` (the batch ``X [C, m, D]``), ``stats`` (``||X||^2``, mean),
+``range_finder`` (1 + 2 x power_iters reads, QRs), ``project_start`` (``Q^T X``, SVD, NNDSVDa), ``compressed`` (HALS
+sweeps on the compressed problem), ``polish`` (exact iterations, 2 reads each; the final error is the last one's),
+``scaling``, ``refine_gram`` (the maps ``X [P; R]^T``, 1 read) and ``refine_solve``; ``other`` is the rest of the
+end-to-end time. Also printed: the mean NMF error, sweeps and refinement iterations, and the float16 / bfloat16
+pass time next to float32's.
 
     .venv/bin/python bench/nmf_limit.py                      # 20 classes x 1470 x 512, k = 10 (~1 min on 2 cores)
     .venv/bin/python bench/nmf_limit.py --classes 200 --device cuda --json
 
-Measured here (2 shared cores, 20 x 1470 x 512, k = 10, rhals, 2026-12-07): one pass 0.62 ms per class (4.9 GB/s);
-decompose_head 81 ms per class = 132 passes: compressed sweeps 56.8 (109 sweeps), polish 29.5 (14 iterations),
-refinement solve 30.1, range finder 5.7, checks 4.8, the rest < 3; the polish lowers the mean relative error by
-only 1.3e-3 relative (0.29776 -> 0.29737).
+Measured here (2 shared cores, 20 x 1470 x 512, k = 10, rhals, 2026-12-07, back to back with the code before):
+one pass ~0.3 ms per class; decompose_head 267 passes (85 ms per class) vs 275 before, at the same mean error
+0.297368; 38 reads of F; the compressed sweeps (~120 passes), the polish (~56) and the refinement's solve (~62)
+are the rest (README "Benchmarks").
 """
 
 from __future__ import annotations
