@@ -480,6 +480,13 @@ class ExplorerData:
                              f"{self.why_missing(entry_id, 'dataset', 'train')}.")
             if ds is None:
                 gallery = _gallery_scores(store, c, protos, signs, self.gallery_size)
+        used = head.active[c].cpu()
+        if not bool(used.all()):  # decompose.k: auto merged duplicates: show the prototypes in use only
+            notes.append(f"{int(used.sum())} of {k} prototypes in use: decompose.k: auto merged this class's "
+                         f"duplicate prototypes (the other slots are zero and add nothing to its logit).")
+            alpha, signs, protos = alpha[used], signs[used], protos[used]
+            contributions, oriented = contributions[:, used], oriented[:, used]
+            gallery = [row for row, on in zip(gallery, used.tolist()) if on]
         return ClassView(entry_id=entry_id, c=c, name=names[c], bias=float(head.bias[c]), alpha=alpha, signs=signs,
                          norms=protos.norm(dim=1), rel_error=rel, test_ids=test_ids, test_logits=logits,
                          test_pred=preds, contributions=contributions, oriented=oriented, test_images=images,

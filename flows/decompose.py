@@ -162,6 +162,8 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
                     "shard_workers": sorted({f"{r['host']}:{r['pid']}" for r in records}),
                     "shard_threads": sorted({r.get("torch_threads") for r in records if r.get("torch_threads")}),
                     "shard_pins": [p for p in pins if p]})
+    if dec.k_auto:
+        metrics.update(_k_summary(registry_uri, entry_id, rows))
     if cfg.evaluate.report:
         metrics["report"] = build_report_task(cfg=cfg, model_rec=model_rec, registry_uri=registry_uri,
                                               entry_id=entry_id, train_features_uri=f"{features_root}/train.zarr",
@@ -171,6 +173,16 @@ def _decompose(cfg: RunConfig, out_dir: str, t0: float) -> dict:
     record_entry_metrics(registry_uri=registry_uri, entry_id=entry_id, version=published["version"], metrics=metrics)
     _publish_artifacts(cfg, entry_id, metrics, records, registry_uri, rows=rows, class_names=class_names)
     return metrics
+
+
+def _k_summary(registry_uri: str, entry_id: str, rows: list[int]) -> dict:
+    """With ``decompose.k: auto``: which k each decomposed class got (``k_per_class``, in ``rows`` order), their
+    mean and how many classes got each k."""
+    from phpn_core.storage.registry import PrototypeRegistry
+
+    ks = PrototypeRegistry(registry_uri).load_arrays(entry_id)["k"][rows].long().tolist()
+    return {"k_auto": True, "k_per_class": ks, "k_mean": round(sum(ks) / max(len(ks), 1), 4),
+            "k_histogram": {str(v): ks.count(v) for v in sorted(set(ks))}}
 
 
 def class_extremes(rel_error: list[float], classes: list[int], n: int) -> list[tuple[int, str]]:
@@ -197,7 +209,7 @@ def _publish_artifacts(cfg: RunConfig, entry_id: str, metrics: dict, records: li
         row = {"class": c, "rank": rank, "name": class_names[c] if class_names else f"class {c}",
                "nmf_rel_error": round(float(arrays["rel_error"][c]), 5),
                "head_error": float(arrays["head_error"][c])}
-        for name in ("nmf_iter", "refine_iter", "refine_objective"):
+        for name in ("k", "redundancy", "nmf_iter", "refine_iter", "refine_objective"):
             if name in arrays:
                 row[name] = round(float(arrays[name][c]), 5)
         rows.append(row)

@@ -77,6 +77,8 @@ class DatasetConfig(_Frozen):
     n_classes: int = Field(default=8, ge=1, description="synthparts only")
     train_per_class: int = Field(default=50, ge=1, description="synthparts only")
     test_per_class: int = Field(default=20, ge=1, description="synthparts only")
+    part_variants: int = Field(default=1, ge=1, le=3, description="synthparts only: 2 or 3 add colour variants of "
+                                                                 "every part type, for more than 165 classes")
     crop_to_bbox: bool = Field(default=True, description="cub200 only: crop test images to the bird, as ProtoEval")
     on_error: Literal["raise", "skip"] = "raise"
     seed: int = 0
@@ -104,7 +106,20 @@ class DatasetConfig(_Frozen):
 
 
 class DecomposeConfig(_Frozen):
-    k: int = Field(default=5, ge=1, description="prototypes per class")
+    k: int = Field(default=5, ge=1, description="prototypes per class; 'auto': a redundancy-aware k per class, "
+                                                "at most k_cap (sets k = k_cap and k_auto = true)")
+    k_auto: bool = Field(default=False, description="k is a cap: a class whose two prototypes have duplicate maps "
+                                                    "on its training features gets one fewer, until none has")
+    k_cap: int = Field(default=5, ge=1, description="the largest k with k: auto")
+    k_auto_threshold: float = Field(default=0.9, ge=-1, le=1, description="k_auto: the map cosine above which two "
+                                                                           "prototypes are duplicates")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _k_auto(cls, data):
+        if isinstance(data, dict) and data.get("k") == "auto":
+            data = {**data, "k": data.get("k_cap", 5), "k_auto": True}
+        return data
     classes: list[int] | None = Field(
         default=None, description="head rows to decompose (None: every row with training images); the other rows "
                                   "keep their linear row, so the logits of all C classes are unchanged")
@@ -135,7 +150,8 @@ class DecomposeConfig(_Frozen):
     def head_options(self) -> dict:
         """The keyword options of :func:`phpn_core.method.decompose.decompose_head` that this section sets."""
         return {"normalization": self.normalization, "target": self.target, "refine_ridge": self.refine_ridge,
-                "refine_iter": self.refine_iter, "discovery": self.discovery, "nmf_options": self.nmf_options()}
+                "refine_iter": self.refine_iter, "discovery": self.discovery, "nmf_options": self.nmf_options(),
+                "auto_k": self.k_auto, "auto_k_threshold": self.k_auto_threshold}
 
 
 class ComputeConfig(_Frozen):
@@ -221,14 +237,22 @@ class RunConfig(_Frozen):
 
     def digest(self) -> str:
         """Digest of what determines the prototypes (model, data, decomposition), not of compute or storage."""
-        return self._digest_of({"decompose": self.decompose.model_dump()})
+        dec = self.decompose.model_dump()
+        # options added later leave the digests of configs that do not use them as they were (registry entries
+        # made before stay found); k_cap is in k already
+        for name in ("k_cap",) if self.decompose.k_auto else ("k_auto", "k_cap", "k_auto_threshold"):
+            dec.pop(name)
+        return self._digest_of({"decompose": dec})
 
     def protopnet_digest(self) -> str:
         """Digest of what determines a ProtoPNet baseline: model, data and the ``protopnet`` section."""
         return self._digest_of({"kind": "protopnet", "protopnet": self.protopnet.model_dump()})
 
     def _digest_of(self, method: dict[str, Any]) -> str:
-        ident = {"model": self.model.model_dump(), "dataset": self.dataset.model_dump(), **method}
+        data = self.dataset.model_dump()
+        if data["part_variants"] == 1:  # added later: the default leaves earlier digests unchanged
+            data.pop("part_variants")
+        ident = {"model": self.model.model_dump(), "dataset": data, **method}
         if self.model.checkpoint:
             ident["checkpoint_sha256"] = _file_sha256(self.model.checkpoint)
         if self.dataset.class_map:

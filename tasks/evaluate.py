@@ -128,10 +128,13 @@ def build_report_task(*, cfg: RunConfig, model_rec: dict, registry_uri: str, ent
 
 def _per_class_metrics(arrays: dict, rows: list[int], metrics: dict, evaluation_json: Path) -> dict:
     """``{column: {class: value}}`` for the class pages: NMF relative error and head error of the decomposed
-    ``rows`` (registry arrays ``[C]``), and ProtoEval consistency/stability and the keypoint-free metrics
+    ``rows`` (registry arrays ``[C]``), each class's k where they differ (``decompose.k: auto``), and ProtoEval consistency/stability and the keypoint-free metrics
     (insertion/deletion AUC, box stability, redundancy) per class when this run computed them."""
     out = {column: {c: float(arrays[name][c]) for c in rows}
            for name, column in (("rel_error", "nmf_rel_error"), ("head_error", "head_error")) if name in arrays}
+    slots = arrays["prototypes"].shape[1] if "prototypes" in arrays else None
+    if "k" in arrays and any(int(arrays["k"][c]) != slots for c in rows):  # decompose.k: auto lowered some
+        out["k"] = {c: int(arrays["k"][c]) for c in rows}
     if evaluation_json.is_file() and (metrics.get("consistency") is not None
                                       or metrics.get("insertion_auc") is not None):  # written by this run
         ours = json.loads(evaluation_json.read_text()).get("phpn") or {}

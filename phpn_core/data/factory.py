@@ -76,7 +76,7 @@ def _build(cfg: DatasetConfig, split: str):
 
         n = cfg.train_per_class if split == "train" else cfg.test_per_class
         return SynthParts(split=split, n_classes=cfg.n_classes, n_per_class=n, image_size=cfg.image_size,
-                          seed=cfg.seed)
+                          seed=cfg.seed, part_variants=cfg.part_variants)
     if cfg.kind == "cub200":
         from .cub import CUB200
 

@@ -28,7 +28,7 @@ from phpn_core.errors import InputValueError
 
 from .base import Sample
 
-__all__ = ["SynthParts", "PART_TYPES", "MIN_IMAGE_SIZE"]
+__all__ = ["SynthParts", "PART_TYPES", "MIN_IMAGE_SIZE", "MAX_PART_VARIANTS"]
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,27 @@ _POOL: tuple[_PartType, ...] = (
 PART_TYPES: tuple[str, ...] = tuple(p.name for p in _POOL)
 """Names of the part types in the pool, in keypoint-row order; the last one is the distractor."""
 
+# Colour variants for more classes than the base pool's part sets allow: variant v (2, 3) of class part type j has
+# j's shape (and second colour) with the first colour of type (j + shift) mod 11. The shifts keep every two-colour
+# part's colours apart and every (shape, colour) pair distinct from the base pool's.
+_VARIANT_SHIFTS = (5, 3)
+MAX_PART_VARIANTS = 1 + len(_VARIANT_SHIFTS)
+"""Largest ``part_variants`` of :class:`SynthParts`."""
+
 _DISTRACTOR = len(_POOL) - 1
 _N_CLASS_PART_TYPES = len(_POOL) - 1  # the distractor is never a class part
+
+
+@functools.lru_cache(maxsize=8)
+def _variant_pool(part_variants: int) -> tuple[_PartType, ...]:
+    """The pool with ``part_variants - 1`` colour variants of every class part type, the distractor last."""
+    base = _POOL[:_N_CLASS_PART_TYPES]
+    pool = list(base)
+    for v, shift in enumerate(_VARIANT_SHIFTS[: part_variants - 1], start=2):
+        for j, pt in enumerate(base):
+            donor = base[(j + shift) % len(base)]
+            pool.append(_PartType(f"{pt.name}_v{v}", pt.shape, donor.colour, pt.colour2))
+    return (*pool, _POOL[_DISTRACTOR])
 
 MIN_IMAGE_SIZE = 48
 """Smallest supported ``image_size``: below it parts are a few pixels wide and shapes become indistinguishable."""
@@ -125,13 +144,14 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return a
 
 
-def _design_class_parts(n_classes: int, parts_per_class: int) -> list[list[int]]:
+def _design_class_parts(n_classes: int, parts_per_class: int, n_types: int = _N_CLASS_PART_TYPES) -> list[list[int]]:
     """A fresh copy of :func:`_design_class_parts_cached` (callers may mutate it)."""
-    return [list(c) for c in _design_class_parts_cached(n_classes, parts_per_class)]
+    return [list(c) for c in _design_class_parts_cached(n_classes, parts_per_class, n_types)]
 
 
 @functools.lru_cache(maxsize=64)
-def _design_class_parts_cached(n_classes: int, parts_per_class: int) -> tuple[tuple[int, ...], ...]:
+def _design_class_parts_cached(n_classes: int, parts_per_class: int,
+                               n_types: int = _N_CLASS_PART_TYPES) -> tuple[tuple[int, ...], ...]:
     """Deterministic class definitions: unique part sets that spread the pool evenly and overlap as little as possible.
 
     Greedy: each class takes the unused combination with the smallest (largest overlap with an earlier class, total
@@ -139,10 +159,10 @@ def _design_class_parts_cached(n_classes: int, parts_per_class: int) -> tuple[tu
     share part types as soon as ``n_classes * parts_per_class`` exceeds the pool.
     """
     rng = np.random.default_rng(_DESIGN_SEED + 1000 * parts_per_class)
-    combos = list(itertools.combinations(range(_N_CLASS_PART_TYPES), parts_per_class))
+    combos = list(itertools.combinations(range(n_types), parts_per_class))
     order = rng.permutation(len(combos))
     combos = [frozenset(combos[i]) for i in order]
-    usage = [0] * _N_CLASS_PART_TYPES
+    usage = [0] * n_types
     overlap = [0] * len(combos)  # largest overlap of each combination with the classes chosen so far
     free = [True] * len(combos)
     chosen: list[frozenset[int]] = []
@@ -192,6 +212,10 @@ class SynthParts(Dataset):
         image_size: side ``S`` of the square images in pixels (>= :data:`MIN_IMAGE_SIZE`); parts scale with it.
         parts_per_class: class parts per image, ``1 .. len(PART_TYPES) - 1`` (the distractor comes on top).
         seed: data seed (>= 0); the same seed gives identical tensors.
+        part_variants: ``1`` (default) the base pool of :data:`PART_TYPES`; ``2`` or ``3`` add that many minus one
+            colour variants of every class part type (``"circle_v2"``: a circle in another part's colour), for more
+            classes than the base pool's part sets allow (165 of 3 parts; 1540 with ``part_variants=2``). The
+            distractor stays the last part type.
         omit_prob: probability that a class part is left out of an image. An omission is only kept when the
             remaining class parts still identify the class (are not a subset of another class's parts), so every
             image stays classifiable. The distractor is never omitted.
@@ -223,6 +247,7 @@ class SynthParts(Dataset):
         parts_per_class: int = 3,
         seed: int = 0,
         omit_prob: float = 0.1,
+        part_variants: int = 1,
     ) -> None:
         if split not in _SPLITS:
             raise InputValueError(
@@ -239,17 +264,25 @@ class SynthParts(Dataset):
         parts_per_class = _check_int(
             "parts_per_class", parts_per_class, 1, "pass parts_per_class=1 or more (default 3)"
         )
-        if parts_per_class > _N_CLASS_PART_TYPES:
+        part_variants = _check_int("part_variants", part_variants, 1, "pass part_variants=1 (the base pool) or more")
+        if part_variants > MAX_PART_VARIANTS:
+            raise InputValueError(f"part_variants must be <= {MAX_PART_VARIANTS}, got {part_variants}; use a smaller "
+                                  f"part_variants")
+        pool = _variant_pool(part_variants)
+        n_types = len(pool) - 1
+        if parts_per_class > n_types:
             raise InputValueError(
-                f"parts_per_class must be <= {_N_CLASS_PART_TYPES} (the pool has {len(_POOL)} part types, one of them "
+                f"parts_per_class must be <= {n_types} (the pool has {len(pool)} part types, one of them "
                 f"the distractor), got {parts_per_class}; use a smaller parts_per_class"
             )
-        n_sets = math.comb(_N_CLASS_PART_TYPES, parts_per_class)
+        n_sets = math.comb(n_types, parts_per_class)
         if n_classes > n_sets:
+            more = (f" or part_variants={part_variants + 1} (colour variants of every part type)"
+                    if part_variants < MAX_PART_VARIANTS else "")
             raise InputValueError(
                 f"n_classes={n_classes} needs that many distinct sets of {parts_per_class} part types, but the pool of "
-                f"{_N_CLASS_PART_TYPES} class part types allows only {n_sets}; use n_classes <= {n_sets} or a "
-                f"parts_per_class closer to {_N_CLASS_PART_TYPES // 2}"
+                f"{n_types} class part types allows only {n_sets}; use n_classes <= {n_sets}, a "
+                f"parts_per_class closer to {n_types // 2}{more}"
             )
         _check_int("seed", seed, 0, "pass a non-negative int seed")
         if isinstance(omit_prob, bool) or not isinstance(omit_prob, (int, float)) or not 0.0 <= omit_prob < 1.0:
@@ -262,11 +295,13 @@ class SynthParts(Dataset):
         self.parts_per_class = parts_per_class
         self.seed = int(seed)
         self.omit_prob = float(omit_prob)
+        self.part_variants = part_variants
+        self._pool = pool
 
         self.classes = [f"class_{c:02d}" for c in range(n_classes)]
-        self.part_names = list(PART_TYPES)
-        self.class_parts = _design_class_parts(n_classes, parts_per_class)
-        self.distractor = _DISTRACTOR
+        self.part_names = [pt.name for pt in pool]
+        self.class_parts = _design_class_parts(n_classes, parts_per_class, n_types)
+        self.distractor = len(pool) - 1
         self.labels = [i // n_per_class for i in range(n_classes * n_per_class)]
 
         # Geometry: nominal part size and the grid used as a guaranteed fallback placement.
@@ -383,7 +418,7 @@ class SynthParts(Dataset):
 
     def _render(self, index: int, *, with_masks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Draw item ``index``: image ``[3, S, S]``, keypoints ``[P, 3]``, masks ``[P, S, S]`` bool or None."""
-        S, P = self.image_size, len(_POOL)
+        S, P = self.image_size, len(self._pool)
         label = self.labels[index]
         rng = _image_rng(self.seed, self.split, index)
 
@@ -405,7 +440,7 @@ class SynthParts(Dataset):
         keypoints = np.zeros((P, 3), dtype=np.float32)
         masks = np.zeros((P, S, S), dtype=bool) if with_masks else None
         for k, p in enumerate(drawn):
-            pt = _POOL[p]
+            pt = self._pool[p]
             cx, cy, h = float(centres[k, 0]), float(centres[k, 1]), float(halves[k])
             # Only touch the part's bounding box: cheap, and parts never overlap.
             x0, x1 = max(0, math.floor(cx - h) - 1), min(S, math.ceil(cx + h) + 2)

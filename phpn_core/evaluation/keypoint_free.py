@@ -68,8 +68,15 @@ from phpn_core.evaluation._checks import (
     _resolve_norm,
 )
 from phpn_core.evaluation.baselines import gradcam_heatmaps
-from phpn_core.evaluation.protoeval import UPSAMPLE_MODES, box_half_size_px, class_indices, peak_locations
+from phpn_core.evaluation.protoeval import (
+    UPSAMPLE_MODES,
+    box_half_size_px,
+    check_active,
+    class_indices,
+    peak_locations,
+)
 from phpn_core.method.head import PartPrototypeHead
+from phpn_core.method.redundancy import map_cosines, max_cosine
 
 __all__ = [
     "BASELINES",
@@ -310,14 +317,7 @@ def map_redundancy(maps: torch.Tensor, *, center: bool = True) -> torch.Tensor:
     N, k = maps.shape[:2]
     if N == 0:
         raise InputValueError("map_redundancy: no images (N=0); expected at least one image of the class.")
-    m = maps.detach().double()
-    if center:
-        m = m - m.mean((2, 3), keepdim=True)
-    v = m.permute(1, 0, 2, 3).reshape(k, -1)
-    norms = v.norm(dim=1)
-    unit = torch.where(norms[:, None] > 1e-12 * max(1.0, float(norms.max()) if k else 1.0),
-                       v / norms.clamp_min(1e-300)[:, None], torch.zeros_like(v))
-    return (unit @ unit.T).clamp(-1, 1).cpu()
+    return map_cosines(maps.flatten(2).transpose(1, 2).unsqueeze(0), center=center)[0].cpu()
 
 
 # ============================================================================================ the evaluation loop
@@ -397,6 +397,7 @@ def keypoint_free_maps(
     upsample: str = "bilinear",
     device: str | torch.device | None = None,
     batch_size: int = 64,
+    active: torch.Tensor | None = None,
 ) -> KeypointFreeResult:
     """Deletion/insertion AUC, box stability and redundancy of any model's class maps on a test set.
 
@@ -414,6 +415,8 @@ def keypoint_free_maps(
         noise_std, noise_clip, seed: ProtoEval's noise; box_half_size, box_reference_size, iou_threshold: the box.
         duplicate_threshold, center: redundancy (:func:`map_redundancy`).
         upsample, device, batch_size: as in :func:`~phpn_core.evaluation.protoeval.protoeval_maps`.
+        active: ``[C, k]`` bool, the maps that count (default all): the unused slots of a class with fewer
+            prototypes are left out of every mean, and of redundancy's pairs.
 
     Returns:
         :class:`KeypointFreeResult`.
@@ -439,6 +442,7 @@ def keypoint_free_maps(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     mean, std = _resolve_norm(mean, std, dataset, who)
     classes, by_class = class_indices(dataset, classes, n_classes, who)
+    active = check_active(active, n_classes, who)
     per_class: list[dict] = []
     ins_p, del_p, ins_c, del_c, stable_all = [], [], [], [], []
     n_excluded = 0
@@ -468,10 +472,14 @@ def keypoint_free_maps(
                 clean_maps.append(m_clean.detach().cpu())
             maps_c = torch.cat(clean_maps)  # [N, k, h, w]
             stable = torch.cat(stab)
-            stable_all.append(stable.flatten())
             k = maps_c.shape[1]
+            if active is not None and active.shape[1] != k:
+                raise ShapeError(f"{who}: active has k={active.shape[1]} columns, maps_fn gives k={k} maps; expected "
+                                 f"one column per map.")
+            act = active[c] if active is not None else torch.ones(k, dtype=torch.bool)
+            stable_all.append(stable[:, act].flatten())
             cos = map_redundancy(maps_c, center=center)
-            red = float((cos - 2 * torch.eye(k, dtype=cos.dtype)).max()) if k > 1 else None
+            red = float(max_cosine(cos[None], act[None])[0]) if int(act.sum()) > 1 else None
             # deletion / insertion on the first max_images images
             sel = idx[: max_images] if max_images is not None else idx
             images = _load_images(dataset, sel, who)
@@ -484,13 +492,13 @@ def keypoint_free_maps(
                                     upsample=upsample, batch_size=batch_size)
             n_excluded += int((~di.valid).sum())
             ip, dp = di.insertion_auc[:, :k], di.deletion_auc[:, :k]
-            ins_p.append(ip.flatten())
-            del_p.append(dp.flatten())
-            row = {"class_index": int(c), "n_images": len(idx), "n_curve_images": len(sel),
-                   "insertion_auc": _nanmean(ip), "deletion_auc": _nanmean(dp),
+            ins_p.append(ip[:, act].flatten())
+            del_p.append(dp[:, act].flatten())
+            row = {"class_index": int(c), "n_images": len(idx), "n_curve_images": len(sel), "k": int(act.sum()),
+                   "insertion_auc": _nanmean(ip[:, act]), "deletion_auc": _nanmean(dp[:, act]),
                    "insertion_auc_per_prototype": [_nanmean(ip[:, i]) for i in range(k)],
                    "deletion_auc_per_prototype": [_nanmean(dp[:, i]) for i in range(k)],
-                   "box_stability": float(stable.double().mean()),
+                   "box_stability": float(stable[:, act].double().mean()),
                    "box_stability_per_prototype": stable.double().mean(0).tolist(),
                    "redundancy": red, "duplicate": (red is not None and red > duplicate_threshold),
                    "cosine": cos.tolist()}
@@ -567,7 +575,9 @@ def keypoint_free(features_module, head: PartPrototypeHead, dataset, *,
         logit = fmap.mean((2, 3)) @ weight[c] + bias[c]  # [B]
         return torch.cat([contrib, logit[:, None]], 1)
 
-    res = keypoint_free_maps(maps_fn, score_fn, dataset, n_classes=C, summed=True, device=dev, **options)
+    act = ev.active.cpu()  # unused slots (zero prototypes) count nowhere
+    res = keypoint_free_maps(maps_fn, score_fn, dataset, n_classes=C, summed=True, device=dev,
+                             active=None if bool(act.all()) else act, **options)
     res.settings["prototypes"] = "override" if prototypes_override is not None else "head"
     return res
 

@@ -204,13 +204,16 @@ class StabilityResult:
     per_prototype: torch.Tensor
 
 
-def consistency(covered: torch.Tensor, visible: torch.Tensor, *, threshold: float = 0.8) -> ConsistencyResult:
+def consistency(covered: torch.Tensor, visible: torch.Tensor, *, threshold: float = 0.8,
+                active: torch.Tensor | None = None) -> ConsistencyResult:
     """ProtoEval consistency of one class's k prototypes over its N images.
 
     Args:
         covered: ``[N, k, P]`` bool, from :func:`part_coverage`.
         visible: ``[N, P]`` bool (or {0, 1}), part p visible on image n.
         threshold: a prototype is consistent when some part's rate is ``>= threshold`` (ProtoEval: 0.8).
+        active: ``[k]`` bool, the prototypes the score counts (default all; unused slots of a class with fewer
+            prototypes are not counted).
 
     Returns:
         :class:`ConsistencyResult`.
@@ -238,14 +241,24 @@ def consistency(covered: torch.Tensor, visible: torch.Tensor, *, threshold: floa
     rate = cov.sum(0).double() / vis_count.clamp_min(1).double()  # [k, P]; never-visible parts -> 0
     per = (rate >= threshold).any(-1)
     return ConsistencyResult(
-        score=float(per.double().mean() * 100), per_prototype=per.cpu(), per_prototype_part_rate=rate.cpu(),
+        score=_masked_mean(per.double(), active) * 100, per_prototype=per.cpu(), per_prototype_part_rate=rate.cpu(),
         best_part=rate.argmax(-1).cpu() if P else torch.zeros(k, dtype=torch.long), visible_count=vis_count.cpu(),
         threshold=float(threshold),
     )
 
 
-def stability(covered_clean: torch.Tensor, covered_noisy: torch.Tensor) -> StabilityResult:
-    """ProtoEval stability of one class's k prototypes: ``covered_clean``/``covered_noisy`` ``[N, k, P]`` bool.
+def _masked_mean(values: torch.Tensor, active: torch.Tensor | None) -> float:
+    """Mean of ``values [..., k]`` over the active prototypes (``active`` bool, broadcast; None: all)."""
+    if active is None:
+        return float(values.double().mean())
+    a = active.to(device=values.device, dtype=torch.bool).expand_as(values)
+    return float(values.double()[a].mean()) if bool(a.any()) else float("nan")
+
+
+def stability(covered_clean: torch.Tensor, covered_noisy: torch.Tensor,
+              active: torch.Tensor | None = None) -> StabilityResult:
+    """ProtoEval stability of one class's k prototypes: ``covered_clean``/``covered_noisy`` ``[N, k, P]`` bool
+    (``active [k]`` bool: the prototypes the score counts, default all).
 
     An image counts as stable for a prototype when its whole covered-part vector ``[P]`` is unchanged.
     """
@@ -260,7 +273,7 @@ def stability(covered_clean: torch.Tensor, covered_noisy: torch.Tensor) -> Stabi
         raise InputValueError("stability: no images (N=0); expected at least one image of the class.")
     same = (covered_clean.bool() == covered_noisy.bool().to(covered_clean.device)).all(-1)  # [N, k]
     per = same.double().mean(0)
-    return StabilityResult(score=float(per.mean() * 100), per_prototype=per.cpu())
+    return StabilityResult(score=_masked_mean(per, active) * 100, per_prototype=per.cpu())
 
 
 @dataclass(frozen=True)
@@ -394,6 +407,7 @@ def protoeval_maps(
     upsample: str = "bilinear",
     device: str | torch.device | None = None,
     batch_size: int = 64,
+    active: torch.Tensor | None = None,
 ) -> ProtoEvalResult:
     """ProtoEval consistency and stability of any part-prototype model, given by its class maps.
 
@@ -415,6 +429,8 @@ def protoeval_maps(
         box_half_size, box_reference_size, upsample: the box, see :func:`part_coverage`.
         device: where the images are put before ``maps_fn`` sees them (default: the CPU).
         batch_size: images per call of ``maps_fn``.
+        active: ``[C, k]`` bool, the prototypes that count (default all): a class with fewer than k prototypes
+            has unused slots, whose maps are zero and whose scores are left out of every mean.
 
     Returns :class:`ProtoEvalResult` (its ``[C', k]`` tensors stack the classes: the same k for every class).
 
@@ -430,13 +446,24 @@ def protoeval_maps(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     mean, std = _resolve_norm(mean, std, dataset, who)
     classes, by_class = class_indices(dataset, classes, n_classes, who)
+    active = check_active(active, n_classes, who)
     return _run(maps_fn, dataset, classes, by_class, who=who, dev=dev, mean=mean, std=std, noise_std=noise_std,
                 noise_clip=noise_clip, seed=seed, threshold=threshold, box_half_size=box_half_size,
-                box_reference_size=box_reference_size, upsample=upsample, batch_size=batch_size)
+                box_reference_size=box_reference_size, upsample=upsample, batch_size=batch_size, active=active)
+
+
+def check_active(active, n_classes: int, who: str) -> torch.Tensor | None:
+    """``active`` as a bool ``[n_classes, k]`` CPU tensor (or None); k is checked against the maps later."""
+    if active is None:
+        return None
+    if not isinstance(active, torch.Tensor) or active.ndim != 2 or active.shape[0] != n_classes:
+        raise ShapeError(f"{who}: active must be a bool tensor [C={n_classes}, k] (the prototypes in use); got "
+                         f"{_desc(active)}.")
+    return active.detach().to("cpu", torch.bool)
 
 
 def _run(maps_fn, dataset, classes, by_class, *, who, dev, mean, std, noise_std, noise_clip, seed, threshold,
-         box_half_size, box_reference_size, upsample, batch_size) -> ProtoEvalResult:
+         box_half_size, box_reference_size, upsample, batch_size, active=None) -> ProtoEvalResult:
     """The ProtoEval loop over validated inputs (see :func:`protoeval_maps`)."""
 
     def coverage(x: torch.Tensor, c: int, kps: torch.Tensor, size, k_expected) -> tuple[torch.Tensor, torch.Tensor]:
@@ -470,6 +497,9 @@ def _run(maps_fn, dataset, classes, by_class, *, who, dev, mean, std, noise_std,
                 x = normalize(images, mean, std).to(dev)
                 cov, pk = coverage(x, c, kps, size, k_seen)
                 k_seen = cov.shape[1]
+                if active is not None and active.shape[1] != k_seen:
+                    raise ShapeError(f"{who}: active has k={active.shape[1]} columns, maps_fn gives k={k_seen} maps; "
+                                     f"expected one column per prototype map.")
                 noisy = x + _noise_like(x, bidx, seed=seed, noise_std=noise_std, noise_clip=noise_clip)
                 cov_n, _ = coverage(noisy, c, kps, size, k_seen)
                 covs.append(cov)
@@ -477,18 +507,20 @@ def _run(maps_fn, dataset, classes, by_class, *, who, dev, mean, std, noise_std,
                 vis.append(kps[..., 2] > 0.5)
                 peaks.append(pk)
             covered, covered_noisy, visible = torch.cat(covs), torch.cat(covs_noisy), torch.cat(vis)
+            act = None if active is None else active[c].cpu()
             per_class.append(ClassProtoEval(
                 class_index=c, image_indices=list(idx), covered=covered, covered_noisy=covered_noisy,
                 visible=visible, peaks=torch.cat(peaks),
-                consistency=consistency(covered, visible, threshold=threshold),
-                stability=stability(covered, covered_noisy),
+                consistency=consistency(covered, visible, threshold=threshold, active=act),
+                stability=stability(covered, covered_noisy, act),
             ))
     consistent = torch.stack([r.consistency.per_prototype for r in per_class])
     stable = torch.stack([r.stability.per_prototype for r in per_class])
     part_rate = torch.stack([r.consistency.per_prototype_part_rate for r in per_class])
     size_list = sorted(sizes)
+    act = None if active is None else active[torch.as_tensor(classes, dtype=torch.long)].cpu()
     return ProtoEvalResult(
-        consistency=float(consistent.double().mean() * 100), stability=float(stable.mean() * 100),
+        consistency=_masked_mean(consistent, act) * 100, stability=_masked_mean(stable, act) * 100,
         classes=classes, consistent=consistent, part_rate=part_rate, stable_fraction=stable, per_class=per_class,
         settings={
             "threshold": float(threshold), "noise_std": noise_std, "noise_clip": noise_clip, "seed": seed,
@@ -578,9 +610,13 @@ def protoeval(
         ex = ev_head.explain(features_module(x).to(dtype), classes=[c])
         return (ex.oriented_heatmaps if use_oriented else ex.heatmaps)[:, 0]  # [B, k, h, w]
 
+    # unused slots (zero prototypes of a class decomposed with fewer) count nowhere; with every slot in use
+    # (the usual case) this is no mask at all
+    act = ev_head.active.cpu()
     res = _run(maps_fn, dataset, classes, by_class, who=who, dev=dev, mean=mean, std=std, noise_std=noise_std,
                noise_clip=noise_clip, seed=seed, threshold=threshold, box_half_size=box_half_size,
-               box_reference_size=box_reference_size, upsample=upsample, batch_size=batch_size)
+               box_reference_size=box_reference_size, upsample=upsample, batch_size=batch_size,
+               active=None if bool(act.all()) else act)
     res.settings.update({"use_oriented": bool(use_oriented),
                          "prototypes": "override" if prototypes_override is not None else "head"})
     return res

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 import torch
 
 from phpn_core.method.nmf import NMFResult, checked_source, factorize, nmf
+from phpn_core.method.redundancy import gram_cosines, max_cosine
 from phpn_core.method.refine import NORMALIZATIONS, TARGETS, refine
 from phpn_core.method.rows import DenseProducts, RowSource, TensorRows, release_freed_memory
 from phpn_core.method.semi_nmf import semi_nmf
@@ -82,6 +83,8 @@ STREAM_BYTES = 256 << 20
 # _scale: prototypes' singular values below this fraction of the largest are noise (measured: 6e-6 for a rank-1
 # class; real classes' smallest ratio 8e-3 at k = 10, D = 512)
 SCALE_RCOND = 1e-4
+# auto_k: two prototypes whose maps' cosine exceeds this are duplicates (the evaluation's duplicate threshold too)
+AUTO_K_THRESHOLD = 0.9
 
 
 @dataclass(frozen=True)
@@ -269,10 +272,13 @@ def _solver_options(nmf_options: dict) -> dict:
 
 
 def _finish(P: torch.Tensor, maps_of, V: torch.Tensor, res, method: str, k: int, dtype, normalization: str,
-            target: str, ridge: float, refine_iter: int) -> dict:
-    """Steps 2-4 for a batch: scaling, the refinement on the Gram matrix of the maps, the exact sum.
+            target: str, ridge: float, refine_iter: int, hw: int | None = None, auto_k: bool = False,
+            auto_k_threshold: float = 0.9) -> dict:
+    """Steps 2-4 for a batch: scaling, the refinement on the Gram matrix of the maps, the exact sum; with
+    ``auto_k``, duplicate prototypes merged (:func:`_merge_duplicates`).
 
-    ``maps_of(Z)``: the maps ``X Z^T`` ``[C, m, k+1]`` of Z ``[C, k+1, D]`` (one read of X)."""
+    ``maps_of(Z)``: the maps ``X Z^T`` ``[C, m, k+1]`` of Z ``[C, k+1, D]`` (one read of X). ``hw``: positions per
+    image (rows of X come image by image; None: the class is one image), for the redundancy of the maps."""
     with stage("scaling"):
         V = V.to(device=P.device, dtype=torch.float64)
         P64 = P.double()
@@ -286,24 +292,100 @@ def _finish(P: torch.Tensor, maps_of, V: torch.Tensor, res, method: str, k: int,
         W, diag = refine(K, alpha, normalization=normalization, target=target, ridge=ridge, max_iter=refine_iter)
         residual = torch.bmm(W, Z)  # [C, k, D]
         protos = alpha.unsqueeze(2) * P64 + residual
-        # The parametrisation makes sum_i r_i = R up to rounding; spread the rounding so the sum is v exactly.
-        protos = protos + ((V - protos.sum(1)) / k).unsqueeze(1)
+    C = P.shape[0]
+    with stage("redundancy"):
+        G = _map_gram(maps, W, alpha, hw)  # [C, k, k]: the refined prototypes' centred maps (raw, not oriented)
+        if auto_k:
+            T = _merge_duplicates(G, torch.sign(alpha), auto_k_threshold).to(protos.device)  # [C, k, k]
+            merged = torch.bmm(T, alpha.unsqueeze(2) * P64)
+            initial = torch.bmm(T, P64)
+            # a merged slot's alpha: the size of its members' alpha P over the size of their summed P, with the
+            # sign of the member of largest map (its orientation); a slot of one prototype keeps its alpha
+            sgn = _group_signs(T, G, alpha)
+            alpha = torch.where(T.abs().sum(2) > 0,
+                                sgn * merged.norm(dim=2) / initial.norm(dim=2).clamp_min(1e-300),
+                                torch.zeros_like(alpha))
+            protos = torch.bmm(T, protos)
+            P64 = initial
+            residual = protos - alpha.unsqueeze(2) * P64
+            G = torch.bmm(torch.bmm(T, G), T.transpose(1, 2))
+        active = (protos != 0).any(2)  # [C, k]
+        kc = active.sum(1)
+        red = max_cosine(gram_cosines(G, torch.where(alpha < 0, -1.0, 1.0)), active)
+        diag["redundancy"] = torch.where(torch.isfinite(red), red, torch.full_like(red, -1.0)).cpu()
+        diag["k"] = kc.to(torch.float64).cpu()
+    with stage("refine_solve"):
+        # The parametrisation makes sum_i r_i = R up to rounding; spread the rounding over the prototypes in use
+        # so the sum is v exactly (unused slots stay zero).
+        protos = protos + ((V - protos.sum(1)) / kc.to(protos).unsqueeze(1)).unsqueeze(1) * active.unsqueeze(2)
         out = protos.to(dtype)
         head_err = (out.sum(1) - V.to(dtype)).abs().amax(1)
-    C = P.shape[0]
     diag.update({"nmf_iter": torch.as_tensor(res.n_iter).reshape(C).cpu(),
                  "nmf_converged": torch.as_tensor(res.converged).reshape(C).cpu(),
                  "discovery": torch.full((C,), float(DISCOVERY_CODES[method]), dtype=torch.float64)})
     return {
-        "prototypes": out, "initial": P, "alpha": alpha.to(dtype), "residual": residual.to(dtype),
-        "rel_error": torch.as_tensor(res.rel_error).reshape(C), "head_error": head_err,
+        "prototypes": out, "initial": P64.to(P.dtype) if auto_k else P, "alpha": alpha.to(dtype),
+        "residual": residual.to(dtype), "rel_error": torch.as_tensor(res.rel_error).reshape(C), "head_error": head_err,
         "diagnostics": {n: t.cpu() for n, t in diag.items()},
     }
 
 
+def _map_gram(maps: torch.Tensor, W: torch.Tensor, alpha: torch.Tensor, hw: int | None) -> torch.Tensor:
+    """Gram matrix ``[C, k, k]`` of the refined prototypes' per-image-centred maps on the training features, from
+    the refinement's maps of ``Z = [P; R]`` ``[C, m, k+1]`` (no read of X): prototype i's map is
+    ``maps @ (alpha_i e_i + W_i)``."""
+    C, m, k1 = maps.shape
+    coef = W.clone()
+    coef[:, :, : k1 - 1] += torch.diag_embed(alpha)
+    final = torch.bmm(maps, coef.transpose(1, 2))  # [C, m, k]
+    per_image = hw if hw and m % hw == 0 else m  # padding rows are zero images: they change nothing
+    f = final.reshape(C, m // per_image, per_image, k1 - 1)
+    f = f - f.mean(2, keepdim=True)
+    return torch.einsum("cnpi,cnpj->cij", f, f)
+
+
+def _group_signs(T: torch.Tensor, G: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Each merged slot's orientation: the sign of its member with the largest map (``T [C, k, k]`` 0/1 rows)."""
+    size = torch.diagonal(G, dim1=1, dim2=2).clamp_min(0).sqrt()  # [C, k]
+    lead = (T * size.unsqueeze(1)).argmax(2)  # [C, k]
+    return torch.where(torch.gather(alpha, 1, lead) < 0, -1.0, 1.0).to(alpha)
+
+
+def _merge_duplicates(G: torch.Tensor, signs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which prototypes to merge: ``T [C, k, k]`` with 0/1 entries, row s = the old prototypes summed into slot s
+    (every old prototype in exactly one row, so the prototypes' sum is unchanged; empty rows last).
+
+    Greedy per class: while two slots' oriented maps have a cosine above ``threshold``, the most similar pair
+    becomes one slot (its map the sum of theirs, oriented like its larger member). ``G`` ``[C, k, k]``: Gram of
+    the centred raw maps; ``signs`` ``[C, k]``: sign(alpha)."""
+    C, k, _ = G.shape
+    T = torch.zeros(C, k, k, dtype=torch.float64)
+    Gc, sc = G.cpu(), signs.cpu()
+    for c in range(C):
+        groups = [[i] for i in range(k)]
+        while len(groups) > 1:
+            M = torch.zeros(len(groups), k, dtype=torch.float64)
+            for g, members in enumerate(groups):
+                M[g, members] = 1.0
+            Gg = M @ Gc[c] @ M.T
+            size = torch.diagonal(Gc[c]).clamp_min(0).sqrt()
+            s = torch.tensor([1.0 if sc[c, max(mem, key=lambda i: float(size[i]))] >= 0 else -1.0 for mem in groups],
+                             dtype=torch.float64)
+            cos = gram_cosines(Gg[None], s[None])[0]
+            cos.fill_diagonal_(float("-inf"))
+            a, b = divmod(int(cos.argmax()), len(groups))
+            if not float(cos[a, b]) > threshold:
+                break
+            groups[min(a, b)] = groups[min(a, b)] + groups[max(a, b)]
+            del groups[max(a, b)]
+        for g, members in enumerate(sorted(groups)):
+            T[c, g, members] = 1.0
+    return T
+
+
 def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: list[int], nmf_options: dict,
                      normalization: str, target: str, ridge: float, refine_iter: int, device,
-                     method: str = "nmf", dtype=None) -> dict:
+                     method: str = "nmf", dtype=None, hw: int | None = None, merge: tuple = (False, 0.9)) -> dict:
     """Decompose a batch of classes held in memory. Fs: list of ``[N_c, D]``; V ``[C, D]``; ``method`` one
     discovery for all; ``dtype`` the compute dtype (default: the features')."""
     dtype = dtype or Fs[0].dtype
@@ -316,7 +398,7 @@ def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: lis
             X[i, : f.shape[0]] = f.to(device)
     res, X = _discover(X, rows, k, seeds, nmf_options, method, device)
     return _finish(res.P, lambda Z: _count(torch.bmm(X, Z.transpose(1, 2))), V, res, method, k, dtype,
-                   normalization, target, ridge, refine_iter)
+                   normalization, target, ridge, refine_iter, hw, *merge)
 
 
 def _count(t: torch.Tensor) -> torch.Tensor:
@@ -326,7 +408,7 @@ def _count(t: torch.Tensor) -> torch.Tensor:
 
 def _decompose_streamed(source: RowSource, v: torch.Tensor, k: int, seed: int, nmf_options: dict,
                         normalization: str, target: str, ridge: float, refine_iter: int, device, dtype,
-                        name: str) -> dict:
+                        name: str, merge: tuple = (False, 0.9)) -> dict:
     """One class read from ``source`` in row blocks (``discovery="nmf"``): the same solver and refinement as
     :func:`_decompose_batch`, never holding more than one block of X in the compute dtype."""
     op, stats = checked_source(source, k, device=device, compute_dtype=dtype, block_bytes=nmf_options.get(
@@ -335,7 +417,7 @@ def _decompose_streamed(source: RowSource, v: torch.Tensor, k: int, seed: int, n
                                                                    ).view(1),
                     item_seeds=[seed], **{**_solver_options(nmf_options), "solver": "rhals"})
     out = _finish(res.P, lambda Z: op.times(Z.transpose(1, 2)), v.unsqueeze(0), res, "nmf", k, dtype,
-                  normalization, target, ridge, refine_iter)
+                  normalization, target, ridge, refine_iter, getattr(source, "hw", None), *merge)
     release_freed_memory()
     return out
 
@@ -355,6 +437,8 @@ def decompose_head(
     device: str | torch.device | None = None,
     max_batch_bytes: int = 2 << 30,
     stream_bytes: int = STREAM_BYTES,
+    auto_k: bool = False,
+    auto_k_threshold: float = AUTO_K_THRESHOLD,
     progress=None,
 ) -> HeadDecomposition:
     """Decompose the head rows of the given classes, all classes batched through NMF and refinement.
@@ -380,6 +464,15 @@ def decompose_head(
         max_batch_bytes: classes are processed in batches whose padded features stay below this size.
         stream_bytes: a non-negative class larger than this in the compute dtype (and every row source) is
             decomposed alone, its rows streamed in blocks: memory is one block plus thin factors, not the class.
+        auto_k: ``k`` is a cap: two refined prototypes of a class whose maps on its training features are
+            duplicates (cosine of their oriented, per-image-centred maps above ``auto_k_threshold``) are merged into
+            one, their sum (greedy, most similar pair first, until no pair is). A sum keeps the head row's sum
+            exact, and a duplicate pair covers one part, so no part is lost (refitting with a smaller k merges two
+            parts instead: measured, README "Quality at scale"). The freed slots are zero prototypes (alpha,
+            initial and residual 0): they add nothing to any logit, and evaluations skip them
+            (``PartPrototypeHead.active``). ``diagnostics["k"]``: each class's number of prototypes in use;
+            ``diagnostics["redundancy"]``: its largest remaining cosine (-1 with one prototype). No extra read
+            of the features: the maps are the refinement's.
             Same solver (``rhals``) and refinement as in memory; another summation order, so the same error but not
             always the same point of NMF's flat valley (as for a class in another batch).
         progress: optional callable ``progress(n_done, n_total)`` called after each batch.
@@ -389,6 +482,12 @@ def decompose_head(
     """
     _check_k(k)
     _check_options(normalization, target, discovery)
+    if not isinstance(auto_k, bool):
+        raise TypeError(f"decompose_head: auto_k must be a bool; got {type(auto_k).__name__} {auto_k!r}.")
+    if isinstance(auto_k_threshold, bool) or not isinstance(auto_k_threshold, (int, float)) \
+            or not -1 <= auto_k_threshold <= 1:
+        raise ValueError(f"decompose_head: auto_k_threshold must be a cosine in [-1, 1]; got {auto_k_threshold!r} "
+                         f"(default {AUTO_K_THRESHOLD}).")
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise ValueError(
             f"decompose_head: weight must be a tensor of shape [C, D]; got "
@@ -429,6 +528,7 @@ def decompose_head(
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     flat = {c: f.reshape(-1, D) for c, f in tensors.items()}
+    hws = {c: f.shape[1] * f.shape[2] for c, f in tensors.items()}
     if discovery == "auto":  # class by class, so a class's method never depends on its shard
         method = {c: "nmf" if lows[c] >= 0 else "hybrid_nmf" for c in flat}
         method.update(dict.fromkeys(sources, "nmf"))
@@ -443,37 +543,38 @@ def decompose_head(
                                       flat[c].shape[0] * D * itemsize > stream_bytes})
     for c in streamed:
         if c in flat:
-            sources[c] = TensorRows(flat.pop(c))
+            sources[c] = TensorRows(flat.pop(c), hw=hws[c])
     batches = []
-    for how in DISCOVERIES[1:]:
+    for how, hw in sorted({(method[c], hws[c]) for c in flat}, key=lambda t: (DISCOVERIES.index(t[0]), t[1])):
         cur, cur_m = [], 0
-        for c in (c for c in classes if c in flat and method[c] == how):
+        for c in (c for c in classes if c in flat and method[c] == how and hws[c] == hw):
             m_new = max(cur_m, flat[c].shape[0])
             if cur and (len(cur) + 1) * m_new * D * itemsize > max_batch_bytes:
-                batches.append((how, cur))
+                batches.append((how, hw, cur))
                 cur, m_new = [], flat[c].shape[0]
             cur.append(c)
             cur_m = m_new
         if cur:
-            batches.append((how, cur))
+            batches.append((how, hw, cur))
 
     parts = []
     done = 0
     common = (normalization, target, refine_ridge, refine_iter, dev)
-    for how, batch in batches:
+    merge = (auto_k, float(auto_k_threshold))
+    for how, hw, batch in batches:
         parts.append(_decompose_batch([flat[c] for c in batch], weight[batch], k, [seed * 1_000_003 + c for c in batch],
-                                      opts, *common, how, dtype))
+                                      opts, *common, how, dtype, hw, merge))
         done += len(batch)
         if progress is not None:
             progress(done, len(classes))
     for c in streamed:
         parts.append(_decompose_streamed(sources[c], weight[c], k, seed * 1_000_003 + c, opts, *common, dtype,
-                                         f"decompose_head: class {c}"))
+                                         f"decompose_head: class {c}", merge))
         done += 1
         if progress is not None:
             progress(done, len(classes))
     # back to class order (batches are grouped by discovery method, streamed classes last)
-    order = torch.tensor([c for _, batch in batches for c in batch] + streamed).argsort()
+    order = torch.tensor([c for _, _, batch in batches for c in batch] + streamed).argsort()
     cat = lambda name: torch.cat([p[name].to(dev) for p in parts])[order.to(dev)]  # noqa: E731
     diagnostics = {n: torch.cat([p["diagnostics"][n] for p in parts])[order] for n in parts[0]["diagnostics"]}
     return HeadDecomposition(

@@ -89,6 +89,18 @@ class PartPrototypeHead(nn.Module):
         return self.prototypes.shape[1]
 
     @property
+    def active(self) -> torch.Tensor:
+        """``[C, k]`` bool: the prototypes in use. A class decomposed with fewer than k prototypes
+        (``decompose_head(..., auto_k=True)``) has zero prototypes in its unused slots: they add nothing to any
+        logit, and evaluations skip them."""
+        return (self.prototypes != 0).any(-1)
+
+    @property
+    def k_per_class(self) -> torch.Tensor:
+        """``[C]`` long: each class's number of prototypes in use."""
+        return self.active.sum(1)
+
+    @property
     def weight(self) -> torch.Tensor:
         """``[C, D]``: the linear head the prototypes sum to."""
         return self.prototypes.sum(1)

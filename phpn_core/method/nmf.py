@@ -48,6 +48,8 @@ _EPS_P = 1e-12  # P stays strictly positive so that HALS denominators never vani
 # iterations), one power iteration instead of two: each measured faster and each raised the mean error on
 # bench/nmf_vs_sklearn.py's problem (0.301256-0.301259 vs 0.301250), so the defaults stay where they were.
 _COMPRESSED_TOL = 10.0
+INITS = ("nndsvda", "random")
+_RANDOM_START_OFFSET = 0x5EED  # the random start's stream differs from the range finder's for the same seed
 
 
 def _nndsvda(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int, fill: torch.Tensor):
@@ -100,6 +102,24 @@ def _sq_error(xnorm2, A_P, P, G_E, G_P):
     return (xnorm2 - 2 * (A_P * P).sum((1, 2)) + (G_E * G_P).sum((1, 2))).clamp_min(0)
 
 
+def _random_start(m: int, D: int, k: int, fill: torch.Tensor, seeds: list[int], device, dtype):
+    """scikit-learn's ``init="random"``: ``|N(0, 1)| sqrt(mean(X) / k)`` for both factors, each matrix from its own
+    seed (so its start does not depend on its batch-mates). fill ``[B]`` -> E ``[B, m, k]``, P ``[B, k, D]``."""
+    gen = torch.Generator(device=device)
+    Es, Ps = [], []
+    for s in seeds:
+        gen.manual_seed(int(s) + _RANDOM_START_OFFSET)
+        Es.append(torch.randn(m, k, generator=gen, device=device, dtype=dtype).abs_())
+        Ps.append(torch.randn(k, D, generator=gen, device=device, dtype=dtype).abs_())
+    avg = (fill.clamp_min(0) / k).sqrt().view(-1, 1, 1)
+    return torch.stack(Es) * avg, (torch.stack(Ps) * avg).clamp_min(_EPS_P)
+
+
+def _restart_seed(seed: int, r: int) -> int:
+    """The seed of a matrix's r-th extra start: distinct per (matrix seed, r), within torch's seed range."""
+    return (int(seed) * 1_000_033 + r * 7_919) % (1 << 62)
+
+
 def _range_finder(op, l: int, power_iters: int, seeds: list[int], device, dtype) -> torch.Tensor:
     """Orthonormal basis ``[B, m, l]`` of an approximate range of X (``op``, ``[B, m, D]``); ``1 + 2 power_iters``
     reads of X.
@@ -138,6 +158,8 @@ def nmf(
     compressed_tol: float | None = None,
     compute_dtype: torch.dtype | None = None,
     block_bytes: int | None = None,
+    init: str = "nndsvda",
+    restarts: int = 1,
 ) -> NMFResult:
     """Factorise non-negative ``X ~= E @ P``, one matrix or a batch at once.
 
@@ -166,6 +188,11 @@ def nmf(
             precision X is read block by block and cast per block, never copied whole.
         block_bytes: rows per block of a row source, in bytes of the compute dtype
             (default :data:`~phpn_core.method.rows.DEFAULT_BLOCK_BYTES`).
+        init: the start: ``"nndsvda"`` (from the range finder's SVD; deterministic in X) or ``"random"``
+            (scikit-learn's: ``|N(0, 1)| sqrt(mean(X) / k)``, seeded per matrix by ``item_seeds``).
+        restarts: starts per matrix: ``init``'s and ``restarts - 1`` random ones (seeded per matrix); each matrix
+            keeps the one of lowest error (compressed error with ``rhals``, before the polish, so the extra starts
+            read X no more: they cost compressed sweeps only).
 
     Returns:
         :class:`NMFResult` with ``E [.., m, k]``, ``P [.., k, D]``, ``rel_error``, ``n_iter``, ``converged``
@@ -182,9 +209,11 @@ def nmf(
         )
     if solver not in ("auto", "rhals", "hals"):
         raise ValueError(f"nmf: solver must be 'auto', 'rhals' or 'hals'; got {solver!r}.")
+    if init not in INITS:
+        raise ValueError(f"nmf: init must be one of {INITS}; got {init!r}.")
     options = dict(max_iter=max_iter, tol=tol, solver=solver, oversample=oversample, power_iters=power_iters,
                    polish_iter=polish_iter, polish_sweeps=polish_sweeps, check_every=check_every,
-                   extrapolate=extrapolate, compressed_tol=compressed_tol)
+                   extrapolate=extrapolate, compressed_tol=compressed_tol, init=init, restarts=restarts)
     if isinstance(X, RowSource):
         op, stats = checked_source(X, k, device=device, compute_dtype=compute_dtype, block_bytes=block_bytes)
         seeds = checked_item_seeds(item_seeds, seed, 1, "nmf")
@@ -238,13 +267,18 @@ def checked_source(source: RowSource, k: int, *, device=None, compute_dtype=None
 def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seeds: list[int],
               row_counts: torch.Tensor | None = None, max_iter: int = 500, tol: float = 1e-6, solver: str = "auto",
               oversample: int = 20, power_iters: int = 2, polish_iter: int = 14, polish_sweeps: int = 10,
-              check_every: int = 5, extrapolate: bool = True, compressed_tol: float | None = None) -> NMFResult:
+              check_every: int = 5, extrapolate: bool = True, compressed_tol: float | None = None,
+              init: str = "nndsvda", restarts: int = 1) -> NMFResult:
     """:func:`nmf` on checked input: ``op`` a :class:`~phpn_core.method.rows.DenseProducts` or
     :class:`~phpn_core.method.rows.BlockProducts` of shape ``[B, m, D]``, ``xnorm2`` ``[B]`` its squared norms,
     ``fill`` ``[B]`` its means over the real entries. Returns the batched :class:`NMFResult`.
 
     X is only ever touched through ``op``: per exact iteration two products; the final error comes from the last
     iteration's own products (no extra read)."""
+    if init not in INITS:
+        raise ValueError(f"nmf: init must be one of {INITS}; got {init!r}.")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"nmf: restarts must be an int >= 1; got {restarts!r}.")
     B, m, D = op.shape
     dev, dt = xnorm2.device, xnorm2.dtype
     l = min(m, D, k + oversample)
@@ -262,12 +296,18 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
         with stage("project_start"):
             Qt = Q.transpose(1, 2).contiguous()  # [B, l, m]
             Yc = op.t_times(Qt)  # [B, l, D]
-            Ub, S, Vh = torch.linalg.svd(Yc, full_matrices=False)
-            E, P = _nndsvda(torch.bmm(Q, Ub), S, Vh, k, fill)
+            if init == "random":
+                E, P = _random_start(m, D, k, fill, list(item_seeds), dev, dt)
+            else:
+                Ub, S, Vh = torch.linalg.svd(Yc, full_matrices=False)
+                E, P = _nndsvda(torch.bmm(Q, Ub), S, Vh, k, fill)
     else:
         with stage("start"):
-            U, S, Vh = torch.linalg.svd(op.X, full_matrices=False)
-            E, P = _nndsvda(U, S, Vh, k, fill)
+            if init == "random":
+                E, P = _random_start(m, D, k, fill, list(item_seeds), dev, dt)
+            else:
+                U, S, Vh = torch.linalg.svd(op.X, full_matrices=False)
+                E, P = _nndsvda(U, S, Vh, k, fill)
     Et = E.transpose(1, 2).contiguous()  # [B, k, m]: component-major, so each HALS step is one contiguous block
     if mask is not None:
         Et = Et * mask
@@ -325,12 +365,27 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
                     break
         return Et, P, active, err_acc
 
+    def best_start(phase, Et, P):
+        """``phase(Et, P) -> (Et, P, active, err)`` from the start given, then from ``restarts - 1`` random
+        starts; each matrix keeps its lowest-error result (the exact error with ``hals``, the compressed one with
+        ``rhals``: the same Q for every start of a matrix, so comparable)."""
+        best = phase(Et, P)
+        for r in range(1, restarts):
+            E0, P0 = _random_start(m, D, k, fill, [_restart_seed(s, r) for s in item_seeds], dev, dt)
+            Et0 = E0.transpose(1, 2).contiguous()
+            cand = phase(Et0 * mask if mask is not None else Et0, P0)
+            better = cand[3] < best[3]
+            b3 = better.view(B, 1, 1)
+            best = (torch.where(b3, cand[0], best[0]), torch.where(b3, cand[1], best[1]),
+                    torch.where(better, cand[2], best[2]), torch.where(better, cand[3], best[3]))
+        return best
+
     active = torch.ones(B, dtype=torch.bool, device=dev)
     if solver == "rhals":
         # The compressed problem only has to bring the factors near the optimum: the exact polish finishes.
         c_tol = compressed_tol if compressed_tol is not None else (tol * _COMPRESSED_TOL if polish_iter > 0 else tol)
         with stage("compressed"):
-            Et, P, active, err = run_phase(max_iter, False, 1, Et, P, active, c_tol)
+            Et, P, active, err = best_start(lambda E_, P_: run_phase(max_iter, False, 1, E_, P_, active, c_tol), Et, P)
         with stage("polish"):
             if polish_iter > 0:  # convergence is then judged on the exact problem
                 Et, P, active, err = run_phase(polish_iter, True, polish_sweeps, Et, P, torch.ones_like(active), tol)
@@ -339,7 +394,8 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
                                 torch.bmm(P, P.transpose(1, 2))).sqrt()
     else:
         with stage("sweeps"):
-            Et, P, active, err = run_phase(max_iter, True, polish_sweeps, Et, P, active, tol)
+            Et, P, active, err = best_start(lambda E_, P_: run_phase(max_iter, True, polish_sweeps, E_, P_, active,
+                                                                     tol), Et, P)
 
     rel = torch.where(xnorm2 > 0, err / xnorm2.clamp_min(1e-300).sqrt(), torch.zeros_like(err))
     E = Et.transpose(1, 2).contiguous()

@@ -56,12 +56,14 @@ def _fix_mmap_threshold() -> None:
 class RowSource:
     """The rows of one class's features, readable any number of times, in blocks.
 
-    Subclasses set ``n_rows``, ``dim``, ``dtype`` (the stored dtype) and implement :meth:`blocks`.
+    Subclasses set ``n_rows``, ``dim``, ``dtype`` (the stored dtype) and implement :meth:`blocks`; ``hw`` (positions
+    per image, rows coming image by image) where known.
     """
 
     n_rows: int
     dim: int
     dtype: torch.dtype
+    hw: int | None = None
 
     def blocks(self, block_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, rows [b, D])`` in order, ``b <= block_rows``, covering rows ``0..n_rows`` once."""
@@ -75,11 +77,13 @@ class RowSource:
 class TensorRows(RowSource):
     """A tensor ``[m, D]`` (or ``[n, H, W, D]``, flattened) as a row source; blocks are views, never copies."""
 
-    def __init__(self, F: torch.Tensor):
+    def __init__(self, F: torch.Tensor, *, hw: int | None = None):
         if not isinstance(F, torch.Tensor) or F.ndim < 2 or not F.is_floating_point():
             raise TypeError(
                 f"TensorRows: expected a float tensor [m, D] or [n, H, W, D]; got "
                 f"{type(F).__name__ if not isinstance(F, torch.Tensor) else (F.dtype, tuple(F.shape))}.")
+        # positions per image (rows come image by image): known from [n, H, W, D], else given
+        self.hw = F.shape[1] * F.shape[2] if F.ndim == 4 else hw
         self.F = F.reshape(-1, F.shape[-1])
         self.n_rows, self.dim = self.F.shape
         self.dtype = F.dtype

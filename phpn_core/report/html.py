@@ -352,10 +352,19 @@ def class_html(c: int, names: list[str], data: dict[str, Any] | None, head: Part
                 proto_labels: list[str], train_store: Any, train_dataset: Any, gallery_size: int,
                 patch_size: int | None, png_dir: Path, viz: Any, *, alpha: float, cmap: str) -> str:
     name = names[c]
-    k = len(proto_labels)
+    # a class decomposed with fewer prototypes (decompose.k: auto) shows only those in use
+    used = [i for i, on in enumerate(head.active[c].tolist()) if on]
+    slots = len(proto_labels)
     # "(neg)": the prototype carries its part as negative evidence (its sign is -1); PIL's font has no U+2212.
-    marked = [f"{p} (neg)" if float(signs[c, i]) < 0 else p for i, p in enumerate(proto_labels)]
+    marked = [f"{proto_labels[i]} (neg)" if float(signs[c, i]) < 0 else proto_labels[i] for i in used]
+    proto_labels = [proto_labels[i] for i in used]
+    k = len(used)
+    if data is not None and k < slots:
+        data = {**data, "oriented": data["oriented"][:, used], "contributions": data["contributions"][:, used]}
     out = [f"<section class=\"class\" id=\"class-{c}\"><h2>Class {c}: {esc(name)}</h2>"]
+    if k < slots:
+        out.append(f"<p class=\"note\">{k} of {slots} prototypes in use: with <code>decompose.k: auto</code> this "
+                   "class's duplicates were removed (the other slots are zero and add nothing to its logit).</p>")
 
     # Where
     out.append("<h3>Where: prototype heatmaps on test images</h3>")
@@ -378,6 +387,7 @@ def class_html(c: int, names: list[str], data: dict[str, Any] | None, head: Part
     out.append("<h3>What: prototype gallery (most activating training patches)</h3>")
     gallery = gallery_patches(head, c, train_store=train_store, train_dataset=train_dataset, size=gallery_size,
                               patch_size=patch_size)
+    gallery = [gallery[i] for i in used]
     if not any(gallery):
         out.append("<p class=\"note\">The training store has no images of this class.</p>")
     else:

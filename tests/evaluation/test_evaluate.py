@@ -570,3 +570,25 @@ def test_gradcam_shapes_closed_form_and_grad_cam(synth):
     assert hit.n_images == 15 and hit.covered.shape == (15, P) and hit.per_part_hit_rate.shape == (P,)
     assert 0.0 <= hit.hit_rate <= 1.0
     assert hit.hit_rate == pytest.approx(hit.covered.any(-1).double().mean().item())
+
+
+def test_protoeval_skips_unused_slots():
+    ds = _BlobParts()
+    base = _blob_head()
+    ref = protoeval(_POOL4, base, ds, noise_std=0.2, seed=3)
+    # a third slot, zero for class 0 (an unused slot) and a copy of prototype 0 for class 1
+    protos = torch.cat([base.prototypes, torch.zeros(2, 1, 3)], 1)
+    protos[1, 2] = protos[1, 0] / 2
+    head = PartPrototypeHead(protos, base.bias, signs=torch.cat([base.signs, torch.ones(2, 1)], 1))
+    res = protoeval(_POOL4, head, ds, noise_std=0.2, seed=3)
+    c0, r0 = res.per_class[0], ref.per_class[0]
+    assert c0.consistency.score == pytest.approx(r0.consistency.score)
+    assert c0.stability.score == pytest.approx(r0.stability.score)
+    # the mean runs over the 5 prototypes in use, not the 6 slots
+    used = torch.cat([ref.consistent.double().flatten(), res.consistent[1, 2:].double()])
+    assert res.consistency == pytest.approx(float(used.mean() * 100))
+    with pytest.raises(ShapeError, match="active must be a bool tensor"):
+        from phpn_core.evaluation.protoeval import protoeval_maps
+
+        protoeval_maps(lambda x, c: _POOL4(x)[:, :2], ds, n_classes=2, active=torch.ones(3, 2, dtype=torch.bool))
+

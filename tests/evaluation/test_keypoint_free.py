@@ -255,3 +255,28 @@ def test_evaluate_all_reports_the_keypoint_free_metrics_for_every_method():
     assert len(out["details"]["dff"]["keypoint_free"]["per_class"]) == 2
     off = evaluate_all(f, head, ds, baselines=False, keypoint_free_metrics=False)["summary"]
     assert "insertion_auc" not in off and "baselines" not in off
+
+
+def test_unused_slots_count_nowhere():
+    # A class decomposed with fewer prototypes has zero prototypes in its unused slots: the metrics of a head
+    # with such a slot equal those of the same prototypes without it, and a zero slot is never a duplicate.
+    ds, f = _Squares(), _Features().eval()
+    base = _head()
+    padded = torch.cat([base.prototypes, torch.zeros(2, 1, 3)], 1)
+    padded[1, 2] = padded[1, 1]  # class 1 keeps three real prototypes, two of them twins
+    padded[1, 1] = torch.tensor([0.0, 0.0, 0.25])
+    head3 = PartPrototypeHead(padded, torch.zeros(2))
+    assert head3.active.tolist() == [[True, True, False], [True, True, True]]
+    assert head3.k_per_class.tolist() == [2, 3]
+    res = keypoint_free(f, head3, ds, steps=4)
+    ref = keypoint_free(f, base, ds, steps=4, classes=[0])
+    row0 = res.per_class[0]
+    assert row0["k"] == 2 and ref.per_class[0]["k"] == 2
+    for key in ("insertion_auc", "deletion_auc", "box_stability", "redundancy"):
+        assert row0[key] == pytest.approx(ref.per_class[0][key])
+    assert res.per_class[1]["duplicate"] and not row0["duplicate"]
+    # the zero slot's constant map would have cosine 0 with the others: it is not even a candidate pair
+    bad_mask = torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(ShapeError, match="active has k=2 columns"):
+        keypoint_free_maps(lambda x, c: f(x)[:, :3], lambda x, c: f(x).mean((2, 3)), ds, n_classes=2, summed=False,
+                           active=bad_mask, steps=4)

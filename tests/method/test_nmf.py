@@ -51,6 +51,26 @@ def test_same_seed_same_result_and_batch_independence():
     assert abs(float(single.rel_error[0]) - float(a.rel_error[1])) < 1e-3 * float(a.rel_error[1]) + 1e-4
 
 
+@pytest.mark.filterwarnings("ignore::phpn_core.method.factorization.NMFConvergenceWarning")
+@pytest.mark.parametrize("solver", ["rhals", "hals"])
+def test_random_start_is_seeded_per_matrix_and_reaches_the_same_fit(solver):
+    X = _lowrank(3, 120, 64, 5, seed=2)
+    before = X.clone()
+    a, b = nmf(X, 5, seed=7, init="random", solver=solver), nmf(X, 5, seed=7, init="random", solver=solver)
+    assert torch.equal(X, before)
+    assert torch.equal(a.P, b.P) and torch.equal(a.E, b.E)
+    assert bool((a.E >= 0).all()) and bool((a.P >= 0).all())
+    other = nmf(X, 5, seed=8, init="random", solver=solver)
+    assert not torch.equal(other.P, a.P)  # another seed: another start
+    single = nmf(X[1:2], 5, item_seeds=[8], init="random", solver=solver)  # not its batch-mates'
+    assert abs(float(single.rel_error[0]) - float(a.rel_error[1])) < 1e-3 * float(a.rel_error[1]) + 1e-4
+    nnd = nmf(X, 5, seed=7, solver=solver)
+    assert torch.allclose(a.rel_error, _relative_error(X, a.E, a.P), rtol=1e-3)
+    assert float((a.rel_error - nnd.rel_error).abs().max()) < 0.02  # a different start, a fit as good
+    with pytest.raises(ValueError, match="init must be one of"):
+        nmf(X, 5, init="nndsvd")
+
+
 def test_padding_rows_are_exact():
     X = _lowrank(2, 90, 40, 3, seed=3)
     Xp = X.clone()

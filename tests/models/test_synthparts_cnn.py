@@ -202,6 +202,39 @@ def test_class_design_is_unique_for_any_size(k, data):
     assert design == _design_class_parts(n, k)
 
 
+def test_part_variants_give_more_classes_with_distinct_parts():
+    from phpn_core.data.synthparts import _variant_pool
+
+    ds = SynthParts(n_classes=1000, part_variants=2, n_per_class=1, image_size=48, seed=2)
+    pool = _variant_pool(2)
+    assert len(ds.part_names) == 2 * (P - 1) + 1 and len(set(ds.part_names)) == len(ds.part_names)
+    assert ds.distractor == len(ds.part_names) - 1 and ds.part_names[ds.distractor] == "diamond"
+    assert len({tuple(c) for c in ds.class_parts}) == 1000
+    assert ds.distractor not in {p for c in ds.class_parts for p in c}
+    for pt in _variant_pool(3):  # no two types look alike; two-colour parts keep their two colours apart
+        assert sum((pt.shape, pt.colour, pt.colour2) == (q.shape, q.colour, q.colour2) for q in _variant_pool(3)) == 1
+        if pt.colour2 is not None:
+            assert max(abs(a - b) for a, b in zip(pt.colour, pt.colour2)) > 0.3
+    checked = 0
+    for i in range(0, 1000, 7):
+        it = ds[i]
+        assert it["keypoints"].shape == (len(pool), 3)
+        shown = set((it["keypoints"][:, 2] == 1).nonzero().flatten().tolist())
+        assert ds.distractor in shown and shown - {ds.distractor} <= set(ds.class_parts[it["label"]])
+        for p in shown:
+            if pool[p].colour2 is None:
+                x, y = it["keypoints"][p, :2].round().long().tolist()
+                from phpn_core.data.synthparts import _COLOUR_JITTER
+
+                assert torch.allclose(it["image"][:, y, x], torch.tensor(pool[p].colour), atol=_COLOUR_JITTER + 1e-6)
+                checked += 1
+    assert checked > 50
+    # the default pool is the base one, bit for bit
+    base, same = SynthParts(n_per_class=2), SynthParts(n_per_class=2, part_variants=1)
+    assert base.part_names == list(PART_TYPES) and base.class_parts == same.class_parts
+    assert torch.equal(base[3]["image"], same[3]["image"])
+
+
 def test_generation_is_fast():
     ds = SynthParts(n_per_class=63)  # 504 images at 112 px
     t = time.perf_counter()
@@ -227,6 +260,9 @@ def test_generation_is_fast():
         ({"n_classes": 12, "parts_per_class": 1}, r"only 11.*use n_classes <= 11"),
         ({"seed": -1}, r"seed must be >= 0"),
         ({"omit_prob": 1.0}, r"omit_prob must be a float in \[0, 1\)"),
+        ({"n_classes": 166}, r"allows only 165.*part_variants=2"),
+        ({"part_variants": 4}, r"part_variants must be <= 3, got 4"),
+        ({"part_variants": 0}, r"part_variants must be >= 1"),
     ],
 )
 def test_bad_arguments_raise_clear_value_errors(kwargs, match):
