@@ -98,3 +98,28 @@ def _box_bounds(peaks: torch.Tensor, H: int, W: int, hy: int, hx: int):
     ``[..., 1]``: ``[row - hy, row + hy] x [col - hx, col + hx]`` clipped to ``[0, H] x [0, W]``."""
     r, c = peaks[..., 0:1].double(), peaks[..., 1:2].double()
     return (r - hy).clamp_min(0), (r + hy).clamp_max(H), (c - hx).clamp_min(0), (c + hx).clamp_max(W)
+
+
+def check_active(active, n_classes: int, who: str) -> torch.Tensor | None:
+    """``active`` as a bool ``[n_classes, k]`` CPU tensor (or None); k is checked against the maps later."""
+    if active is None:
+        return None
+    if not isinstance(active, torch.Tensor) or active.ndim != 2 or active.shape[0] != n_classes:
+        raise ShapeError(f"{who}: active must be a bool tensor [C={n_classes}, k] (the prototypes in use); got "
+                         f"{_desc(active)}.")
+    return active.detach().to("cpu", torch.bool)
+
+
+def masked_mean(values: torch.Tensor, active: torch.Tensor | None) -> float:
+    """Mean of ``values [..., k]`` over the active prototypes (``active`` bool, broadcast; None: all)."""
+    if active is None:
+        return float(values.double().mean())
+    a = active.to(device=values.device, dtype=torch.bool).expand_as(values)
+    return float(values.double()[a].mean()) if bool(a.any()) else float("nan")
+
+
+def check_active_k(active: torch.Tensor | None, k: int, who: str) -> None:
+    """``active [C, k']`` must have one column per map (``k``)."""
+    if active is not None and active.shape[1] != k:
+        raise ShapeError(f"{who}: active has k={active.shape[1]} columns, maps_fn gives k={k} maps; expected one "
+                         f"column per prototype map.")

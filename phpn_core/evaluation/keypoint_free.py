@@ -58,6 +58,8 @@ from phpn_core.errors import InputValueError, ShapeError
 from phpn_core.evaluation._checks import (
     _box_bounds,
     _check_eval_mode,
+    check_active,
+    check_active_k,
     _desc,
     _head_on,
     _module_device,
@@ -68,13 +70,7 @@ from phpn_core.evaluation._checks import (
     _resolve_norm,
 )
 from phpn_core.evaluation.baselines import gradcam_heatmaps
-from phpn_core.evaluation.protoeval import (
-    UPSAMPLE_MODES,
-    box_half_size_px,
-    check_active,
-    class_indices,
-    peak_locations,
-)
+from phpn_core.evaluation.protoeval import UPSAMPLE_MODES, box_half_size_px, class_indices, peak_locations
 from phpn_core.method.head import PartPrototypeHead
 from phpn_core.method.redundancy import map_cosines, max_cosine
 
@@ -473,9 +469,7 @@ def keypoint_free_maps(
             maps_c = torch.cat(clean_maps)  # [N, k, h, w]
             stable = torch.cat(stab)
             k = maps_c.shape[1]
-            if active is not None and active.shape[1] != k:
-                raise ShapeError(f"{who}: active has k={active.shape[1]} columns, maps_fn gives k={k} maps; expected "
-                                 f"one column per map.")
+            check_active_k(active, k, who)
             act = active[c] if active is not None else torch.ones(k, dtype=torch.bool)
             stable_all.append(stable[:, act].flatten())
             cos = map_redundancy(maps_c, center=center)

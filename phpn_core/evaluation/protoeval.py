@@ -31,6 +31,9 @@ Networks", ICCV 2023; protocol of the reference code ``hqhQAQ/EvalProtoPNet``, `
       seeded with ``seed * 1_000_003 + i``, so the noise does not depend on batching, class selection or device
       (the reference draws unseeded noise per batch).
     - Box half-sizes are rounded half up to whole pixels, like the reference's integer boxes.
+
+Size: the protocol in one place (its three metrics, the one loop every model goes through and the head wrapper),
+as in the reference code; input checks and masks live in ``_checks``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ from phpn_core.errors import InputValueError, ShapeError
 from phpn_core.evaluation._checks import (
     _box_bounds,
     _check_eval_mode,
+    check_active,
+    check_active_k,
+    masked_mean,
     _desc,
     _head_on,
     _module_device,
@@ -241,18 +247,10 @@ def consistency(covered: torch.Tensor, visible: torch.Tensor, *, threshold: floa
     rate = cov.sum(0).double() / vis_count.clamp_min(1).double()  # [k, P]; never-visible parts -> 0
     per = (rate >= threshold).any(-1)
     return ConsistencyResult(
-        score=_masked_mean(per.double(), active) * 100, per_prototype=per.cpu(), per_prototype_part_rate=rate.cpu(),
+        score=masked_mean(per.double(), active) * 100, per_prototype=per.cpu(), per_prototype_part_rate=rate.cpu(),
         best_part=rate.argmax(-1).cpu() if P else torch.zeros(k, dtype=torch.long), visible_count=vis_count.cpu(),
         threshold=float(threshold),
     )
-
-
-def _masked_mean(values: torch.Tensor, active: torch.Tensor | None) -> float:
-    """Mean of ``values [..., k]`` over the active prototypes (``active`` bool, broadcast; None: all)."""
-    if active is None:
-        return float(values.double().mean())
-    a = active.to(device=values.device, dtype=torch.bool).expand_as(values)
-    return float(values.double()[a].mean()) if bool(a.any()) else float("nan")
 
 
 def stability(covered_clean: torch.Tensor, covered_noisy: torch.Tensor,
@@ -273,7 +271,7 @@ def stability(covered_clean: torch.Tensor, covered_noisy: torch.Tensor,
         raise InputValueError("stability: no images (N=0); expected at least one image of the class.")
     same = (covered_clean.bool() == covered_noisy.bool().to(covered_clean.device)).all(-1)  # [N, k]
     per = same.double().mean(0)
-    return StabilityResult(score=_masked_mean(per, active) * 100, per_prototype=per.cpu())
+    return StabilityResult(score=masked_mean(per, active) * 100, per_prototype=per.cpu())
 
 
 @dataclass(frozen=True)
@@ -452,16 +450,6 @@ def protoeval_maps(
                 box_reference_size=box_reference_size, upsample=upsample, batch_size=batch_size, active=active)
 
 
-def check_active(active, n_classes: int, who: str) -> torch.Tensor | None:
-    """``active`` as a bool ``[n_classes, k]`` CPU tensor (or None); k is checked against the maps later."""
-    if active is None:
-        return None
-    if not isinstance(active, torch.Tensor) or active.ndim != 2 or active.shape[0] != n_classes:
-        raise ShapeError(f"{who}: active must be a bool tensor [C={n_classes}, k] (the prototypes in use); got "
-                         f"{_desc(active)}.")
-    return active.detach().to("cpu", torch.bool)
-
-
 def _run(maps_fn, dataset, classes, by_class, *, who, dev, mean, std, noise_std, noise_clip, seed, threshold,
          box_half_size, box_reference_size, upsample, batch_size, active=None) -> ProtoEvalResult:
     """The ProtoEval loop over validated inputs (see :func:`protoeval_maps`)."""
@@ -497,9 +485,7 @@ def _run(maps_fn, dataset, classes, by_class, *, who, dev, mean, std, noise_std,
                 x = normalize(images, mean, std).to(dev)
                 cov, pk = coverage(x, c, kps, size, k_seen)
                 k_seen = cov.shape[1]
-                if active is not None and active.shape[1] != k_seen:
-                    raise ShapeError(f"{who}: active has k={active.shape[1]} columns, maps_fn gives k={k_seen} maps; "
-                                     f"expected one column per prototype map.")
+                check_active_k(active, k_seen, who)
                 noisy = x + _noise_like(x, bidx, seed=seed, noise_std=noise_std, noise_clip=noise_clip)
                 cov_n, _ = coverage(noisy, c, kps, size, k_seen)
                 covs.append(cov)
@@ -520,7 +506,7 @@ def _run(maps_fn, dataset, classes, by_class, *, who, dev, mean, std, noise_std,
     size_list = sorted(sizes)
     act = None if active is None else active[torch.as_tensor(classes, dtype=torch.long)].cpu()
     return ProtoEvalResult(
-        consistency=_masked_mean(consistent, act) * 100, stability=_masked_mean(stable, act) * 100,
+        consistency=masked_mean(consistent, act) * 100, stability=masked_mean(stable, act) * 100,
         classes=classes, consistent=consistent, part_rate=part_rate, stable_fraction=stable, per_class=per_class,
         settings={
             "threshold": float(threshold), "noise_std": noise_std, "noise_clip": noise_clip, "seed": seed,

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 import torch
 
 from phpn_core.method.nmf import NMFResult, checked_source, factorize, nmf
+from phpn_core.method.merge import group_signs, map_gram, merge_duplicates
 from phpn_core.method.redundancy import gram_cosines, max_cosine
 from phpn_core.method.refine import NORMALIZATIONS, TARGETS, refine
 from phpn_core.method.rows import DenseProducts, RowSource, TensorRows, release_freed_memory
@@ -275,7 +276,7 @@ def _finish(P: torch.Tensor, maps_of, V: torch.Tensor, res, method: str, k: int,
             target: str, ridge: float, refine_iter: int, hw: int | None = None, auto_k: bool = False,
             auto_k_threshold: float = 0.9) -> dict:
     """Steps 2-4 for a batch: scaling, the refinement on the Gram matrix of the maps, the exact sum; with
-    ``auto_k``, duplicate prototypes merged (:func:`_merge_duplicates`).
+    ``auto_k``, duplicate prototypes merged (:func:`~phpn_core.method.merge.merge_duplicates`).
 
     ``maps_of(Z)``: the maps ``X Z^T`` ``[C, m, k+1]`` of Z ``[C, k+1, D]`` (one read of X). ``hw``: positions per
     image (rows of X come image by image; None: the class is one image), for the redundancy of the maps."""
@@ -294,14 +295,14 @@ def _finish(P: torch.Tensor, maps_of, V: torch.Tensor, res, method: str, k: int,
         protos = alpha.unsqueeze(2) * P64 + residual
     C = P.shape[0]
     with stage("redundancy"):
-        G = _map_gram(maps, W, alpha, hw)  # [C, k, k]: the refined prototypes' centred maps (raw, not oriented)
+        G = map_gram(maps, W, alpha, hw)  # [C, k, k]: the refined prototypes' centred maps (raw, not oriented)
         if auto_k:
-            T = _merge_duplicates(G, torch.sign(alpha), auto_k_threshold).to(protos.device)  # [C, k, k]
+            T = merge_duplicates(G, torch.sign(alpha), auto_k_threshold).to(protos.device)  # [C, k, k]
             merged = torch.bmm(T, alpha.unsqueeze(2) * P64)
             initial = torch.bmm(T, P64)
             # a merged slot's alpha: the size of its members' alpha P over the size of their summed P, with the
             # sign of the member of largest map (its orientation); a slot of one prototype keeps its alpha
-            sgn = _group_signs(T, G, alpha)
+            sgn = group_signs(T, G, alpha)
             alpha = torch.where(T.abs().sum(2) > 0,
                                 sgn * merged.norm(dim=2) / initial.norm(dim=2).clamp_min(1e-300),
                                 torch.zeros_like(alpha))
@@ -328,59 +329,6 @@ def _finish(P: torch.Tensor, maps_of, V: torch.Tensor, res, method: str, k: int,
         "residual": residual.to(dtype), "rel_error": torch.as_tensor(res.rel_error).reshape(C), "head_error": head_err,
         "diagnostics": {n: t.cpu() for n, t in diag.items()},
     }
-
-
-def _map_gram(maps: torch.Tensor, W: torch.Tensor, alpha: torch.Tensor, hw: int | None) -> torch.Tensor:
-    """Gram matrix ``[C, k, k]`` of the refined prototypes' per-image-centred maps on the training features, from
-    the refinement's maps of ``Z = [P; R]`` ``[C, m, k+1]`` (no read of X): prototype i's map is
-    ``maps @ (alpha_i e_i + W_i)``."""
-    C, m, k1 = maps.shape
-    coef = W.clone()
-    coef[:, :, : k1 - 1] += torch.diag_embed(alpha)
-    final = torch.bmm(maps, coef.transpose(1, 2))  # [C, m, k]
-    per_image = hw if hw and m % hw == 0 else m  # padding rows are zero images: they change nothing
-    f = final.reshape(C, m // per_image, per_image, k1 - 1)
-    f = f - f.mean(2, keepdim=True)
-    return torch.einsum("cnpi,cnpj->cij", f, f)
-
-
-def _group_signs(T: torch.Tensor, G: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Each merged slot's orientation: the sign of its member with the largest map (``T [C, k, k]`` 0/1 rows)."""
-    size = torch.diagonal(G, dim1=1, dim2=2).clamp_min(0).sqrt()  # [C, k]
-    lead = (T * size.unsqueeze(1)).argmax(2)  # [C, k]
-    return torch.where(torch.gather(alpha, 1, lead) < 0, -1.0, 1.0).to(alpha)
-
-
-def _merge_duplicates(G: torch.Tensor, signs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Which prototypes to merge: ``T [C, k, k]`` with 0/1 entries, row s = the old prototypes summed into slot s
-    (every old prototype in exactly one row, so the prototypes' sum is unchanged; empty rows last).
-
-    Greedy per class: while two slots' oriented maps have a cosine above ``threshold``, the most similar pair
-    becomes one slot (its map the sum of theirs, oriented like its larger member). ``G`` ``[C, k, k]``: Gram of
-    the centred raw maps; ``signs`` ``[C, k]``: sign(alpha)."""
-    C, k, _ = G.shape
-    T = torch.zeros(C, k, k, dtype=torch.float64)
-    Gc, sc = G.cpu(), signs.cpu()
-    for c in range(C):
-        groups = [[i] for i in range(k)]
-        while len(groups) > 1:
-            M = torch.zeros(len(groups), k, dtype=torch.float64)
-            for g, members in enumerate(groups):
-                M[g, members] = 1.0
-            Gg = M @ Gc[c] @ M.T
-            size = torch.diagonal(Gc[c]).clamp_min(0).sqrt()
-            s = torch.tensor([1.0 if sc[c, max(mem, key=lambda i: float(size[i]))] >= 0 else -1.0 for mem in groups],
-                             dtype=torch.float64)
-            cos = gram_cosines(Gg[None], s[None])[0]
-            cos.fill_diagonal_(float("-inf"))
-            a, b = divmod(int(cos.argmax()), len(groups))
-            if not float(cos[a, b]) > threshold:
-                break
-            groups[min(a, b)] = groups[min(a, b)] + groups[max(a, b)]
-            del groups[max(a, b)]
-        for g, members in enumerate(sorted(groups)):
-            T[c, g, members] = 1.0
-    return T
 
 
 def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: list[int], nmf_options: dict,
