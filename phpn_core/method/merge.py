@@ -40,16 +40,18 @@ def merge_duplicates(G: torch.Tensor, signs: torch.Tensor, threshold: float) -> 
     becomes one slot (its map the sum of theirs, oriented like its larger member). ``G`` ``[C, k, k]``: Gram of
     the centred raw maps; ``signs`` ``[C, k]``: sign(alpha)."""
     C, k, _ = G.shape
-    T = torch.zeros(C, k, k, dtype=torch.float64)
-    Gc, sc = G.cpu(), signs.cpu()
-    for c in range(C):
+    Gc, sc = G.cpu().double(), signs.cpu()
+    T = torch.eye(k, dtype=torch.float64).repeat(C, 1, 1)
+    # only classes with a pair above the threshold need the greedy loop: one batched check for all
+    oriented = gram_cosines(Gc, torch.where(sc < 0, -1.0, 1.0)) - 3 * torch.eye(k, dtype=torch.float64)
+    for c in (oriented.flatten(1).amax(1) > threshold).nonzero().flatten().tolist():
         groups = [[i] for i in range(k)]
+        size = torch.diagonal(Gc[c]).clamp_min(0).sqrt()
         while len(groups) > 1:
             M = torch.zeros(len(groups), k, dtype=torch.float64)
             for g, members in enumerate(groups):
                 M[g, members] = 1.0
             Gg = M @ Gc[c] @ M.T
-            size = torch.diagonal(Gc[c]).clamp_min(0).sqrt()
             s = torch.tensor([1.0 if sc[c, max(mem, key=lambda i: float(size[i]))] >= 0 else -1.0 for mem in groups],
                              dtype=torch.float64)
             cos = gram_cosines(Gg[None], s[None])[0]
@@ -59,6 +61,7 @@ def merge_duplicates(G: torch.Tensor, signs: torch.Tensor, threshold: float) -> 
                 break
             groups[min(a, b)] = groups[min(a, b)] + groups[max(a, b)]
             del groups[max(a, b)]
+        T[c] = 0.0
         for g, members in enumerate(sorted(groups)):
             T[c, g, members] = 1.0
     return T

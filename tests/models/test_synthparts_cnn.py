@@ -203,7 +203,7 @@ def test_class_design_is_unique_for_any_size(k, data):
 
 
 def test_part_variants_give_more_classes_with_distinct_parts():
-    from phpn_core.data.synthparts import _variant_pool
+    from phpn_core.data.synthparts import _COLOUR_JITTER, _variant_pool
 
     ds = SynthParts(n_classes=1000, part_variants=2, n_per_class=1, image_size=48, seed=2)
     pool = _variant_pool(2)
@@ -224,8 +224,6 @@ def test_part_variants_give_more_classes_with_distinct_parts():
         for p in shown:
             if pool[p].colour2 is None:
                 x, y = it["keypoints"][p, :2].round().long().tolist()
-                from phpn_core.data.synthparts import _COLOUR_JITTER
-
                 assert torch.allclose(it["image"][:, y, x], torch.tensor(pool[p].colour), atol=_COLOUR_JITTER + 1e-6)
                 checked += 1
     assert checked > 50
