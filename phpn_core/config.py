@@ -143,9 +143,15 @@ class DecomposeConfig(_Frozen):
     refine_iter: int = Field(default=100, ge=0)
     nmf_max_iter: int = Field(default=500, ge=1)
     nmf_tol: float = Field(default=1e-6, ge=0)
+    nmf_sparsity: float = Field(default=0.0, ge=0, allow_inf_nan=False,
+                                description="L1 weight on the NMF coefficients (0: plain NMF): each position is "
+                                            "explained by fewer prototypes, so each covers one part")
 
     def nmf_options(self) -> dict:
-        return {"max_iter": self.nmf_max_iter, "tol": self.nmf_tol}
+        opts = {"max_iter": self.nmf_max_iter, "tol": self.nmf_tol}
+        if self.nmf_sparsity:
+            opts["sparsity"] = self.nmf_sparsity
+        return opts
 
     def head_options(self) -> dict:
         """The keyword options of :func:`phpn_core.method.decompose.decompose_head` that this section sets."""
@@ -242,6 +248,8 @@ class RunConfig(_Frozen):
         # made before stay found); k_cap is in k already
         for name in ("k_cap",) if self.decompose.k_auto else ("k_auto", "k_cap", "k_auto_threshold"):
             dec.pop(name)
+        if not dec["nmf_sparsity"]:
+            dec.pop("nmf_sparsity")
         return self._digest_of({"decompose": dec})
 
     def protopnet_digest(self) -> str:

@@ -28,6 +28,18 @@ def test_digests_of_configs_without_the_new_options_are_unchanged():
     assert _cfg(k_cap=9, k_auto_threshold=0.5).digest() == _cfg().digest()  # unused without k: auto
     assert _cfg(k="auto", k_cap=3).digest() != _cfg().digest()
     assert _cfg(k="auto", k_cap=3, k_auto_threshold=0.8).digest() != _cfg(k="auto", k_cap=3).digest()
+    assert _cfg(nmf_sparsity=0.0).digest() == _cfg().digest()  # nmf_sparsity added later: 0 is plain NMF
+    assert _cfg(nmf_sparsity=0.05).digest() != _cfg().digest()
+
+
+def test_nmf_sparsity_reaches_the_nmf_options(tmp_path):
+    assert "sparsity" not in _cfg().decompose.head_options()["nmf_options"]
+    assert _cfg(nmf_sparsity=0.05).decompose.head_options()["nmf_options"]["sparsity"] == 0.05
+    p = tmp_path / "c.yaml"
+    for bad in ("-0.1", ".nan"):
+        p.write_text(f"name: x\ndecompose: {{nmf_sparsity: {bad}}}\n")
+        with pytest.raises(ConfigError, match="nmf_sparsity"):
+            load_config(p)
 
 
 def test_bad_k_auto_options_name_the_key(tmp_path):

@@ -160,6 +160,7 @@ def nmf(
     block_bytes: int | None = None,
     init: str = "nndsvda",
     restarts: int = 1,
+    sparsity: float = 0.0,
 ) -> NMFResult:
     """Factorise non-negative ``X ~= E @ P``, one matrix or a batch at once.
 
@@ -193,6 +194,10 @@ def nmf(
         restarts: starts per matrix: ``init``'s and ``restarts - 1`` random ones (seeded per matrix); each matrix
             keeps the one of lowest error (compressed error with ``rhals``, before the polish, so the extra starts
             read X no more: they cost compressed sweeps only).
+        sparsity: weight ``s`` of an L1 penalty on the coefficients, scaled to be invariant to the factors'
+            scales and to X's: minimises ``||X - E P||^2 + 2 s mean(X) sum_j ||P_j||_2 ||E_j||_1`` (0: plain NMF).
+            Each position is then explained by fewer components, so a component covers one part rather than a
+            share of several (measured: ``bench/quality_scale.py``). ``rel_error`` stays the reconstruction's.
 
     Returns:
         :class:`NMFResult` with ``E [.., m, k]``, ``P [.., k, D]``, ``rel_error``, ``n_iter``, ``converged``
@@ -211,9 +216,11 @@ def nmf(
         raise ValueError(f"nmf: solver must be 'auto', 'rhals' or 'hals'; got {solver!r}.")
     if init not in INITS:
         raise ValueError(f"nmf: init must be one of {INITS}; got {init!r}.")
+    check_sparsity(sparsity, "nmf")
     options = dict(max_iter=max_iter, tol=tol, solver=solver, oversample=oversample, power_iters=power_iters,
                    polish_iter=polish_iter, polish_sweeps=polish_sweeps, check_every=check_every,
-                   extrapolate=extrapolate, compressed_tol=compressed_tol, init=init, restarts=restarts)
+                   extrapolate=extrapolate, compressed_tol=compressed_tol, init=init, restarts=restarts,
+                   sparsity=sparsity)
     if isinstance(X, RowSource):
         op, stats = checked_source(X, k, device=device, compute_dtype=compute_dtype, block_bytes=block_bytes)
         seeds = checked_item_seeds(item_seeds, seed, 1, "nmf")
@@ -268,7 +275,7 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
               row_counts: torch.Tensor | None = None, max_iter: int = 500, tol: float = 1e-6, solver: str = "auto",
               oversample: int = 20, power_iters: int = 2, polish_iter: int = 14, polish_sweeps: int = 10,
               check_every: int = 5, extrapolate: bool = True, compressed_tol: float | None = None,
-              init: str = "nndsvda", restarts: int = 1) -> NMFResult:
+              init: str = "nndsvda", restarts: int = 1, sparsity: float = 0.0) -> NMFResult:
     """:func:`nmf` on checked input: ``op`` a :class:`~phpn_core.method.rows.DenseProducts` or
     :class:`~phpn_core.method.rows.BlockProducts` of shape ``[B, m, D]``, ``xnorm2`` ``[B]`` its squared norms,
     ``fill`` ``[B]`` its means over the real entries. Returns the batched :class:`NMFResult`.
@@ -279,6 +286,7 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
         raise ValueError(f"nmf: init must be one of {INITS}; got {init!r}.")
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"nmf: restarts must be an int >= 1; got {restarts!r}.")
+    check_sparsity(sparsity, "nmf")
     B, m, D = op.shape
     dev, dt = xnorm2.device, xnorm2.dtype
     l = min(m, D, k + oversample)
@@ -313,26 +321,45 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
         Et = Et * mask
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
     fast_path = dev.type == "cpu"  # a host sync per sweep is free on the CPU, not on an accelerator
+    # the L1 weight per matrix: s mean(X) (the penalty's gradient wrt E_j is mu ||P_j||_1, wrt P_j mu ||E_j||_1)
+    mu = (sparsity * fill.clamp_min(0)).view(B, 1, 1) if sparsity > 0 else None
 
     def run_phase(n_max: int, exact: bool, sweeps: int, Et, P, active, tol: float):
         """HALS with extrapolation (Ang & Gillis 2019): each update starts from ``x + beta (x - x_prev)`` while
         the error keeps falling; a rise restarts from the last accepted iterate with a smaller beta. The error
         of each iterate is nearly free: it comes from the P step's own products. Returns the accepted iterate,
-        the still-active mask and the accepted iterate's error ``||X - E P||`` (exact when ``exact``)."""
+        the still-active mask, the accepted iterate's objective (``||X - E P||``, with the L1 term when
+        ``sparsity``) and its error ``||X - E P||`` (exact when ``exact``)."""
         yn2 = xnorm2 if exact else (Yc * Yc).sum((1, 2))
         prev_check = None
         Ey, Py = Et, P
         err_acc = torch.full((B,), float("inf"), dtype=dt, device=dev)
+        rec_acc = err_acc
         beta = torch.full((B, 1, 1), 0.5, dtype=dt, device=dev)
         beta_bar = torch.ones_like(beta)
         for it in range(n_max):
             A_E = op.times_t(Py) if exact else torch.bmm(torch.bmm(Py, Yc.transpose(1, 2)), Qt)
             G_P = torch.bmm(Py, Py.transpose(1, 2))
+            if mu is not None:  # an L1 term is a constant shift of each row's linear term in HALS
+                pn = Py.norm(dim=2, keepdim=True)  # [B, k, 1]
+                A_E = A_E - mu * pn
             Et_new = _hals_rows(Ey, A_E, G_P, 0.0, sweeps)
             G_E = torch.bmm(Et_new, Et_new.transpose(1, 2))
             A_P = op.t_times(Et_new) if exact else torch.bmm(torch.bmm(Et_new, Q), Yc)
-            P_new = _hals_rows(Py, A_P, G_E, _EPS_P, sweeps)
-            err = _sq_error(yn2, A_P, P_new, G_E, torch.bmm(P_new, P_new.transpose(1, 2))).sqrt()
+            if mu is not None:
+                e1 = Et_new.sum(2, keepdim=True)  # [B, k, 1]
+                # ||P_j|| is majorised by its quadratic at the current P (MM): a ridge of mu |E_j|_1 / ||P_j||
+                # on P_j's diagonal, so the step cannot raise the objective
+                G_Er = G_E + torch.diag_embed((mu * e1 / pn.clamp_min(1e-30)).squeeze(2))
+                P_new = _hals_rows(Py, A_P, G_Er, _EPS_P, sweeps)
+                sq = _sq_error(yn2, A_P, P_new, G_E, torch.bmm(P_new, P_new.transpose(1, 2)))
+                # the objective decides acceptance and convergence; the reconstruction error is reported
+                err = (sq + 2 * mu.view(B) * (P_new.norm(dim=2, keepdim=True) * e1).sum((1, 2))).sqrt()
+                rec_new = sq.sqrt()
+            else:
+                P_new = _hals_rows(Py, A_P, G_E, _EPS_P, sweeps)
+                err = _sq_error(yn2, A_P, P_new, G_E, torch.bmm(P_new, P_new.transpose(1, 2))).sqrt()
+                rec_new = err
             # Frozen (converged) matrices never move, so a result does not depend on its batch-mates.
             ok_b = active & (err <= err_acc)
             if fast_path and bool(ok_b.all()):
@@ -343,7 +370,7 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
                     beta = torch.minimum(beta_bar, beta * 1.05)
                 else:
                     Ey, Py = Et_new, P_new
-                Et, P, err_acc = Et_new, P_new, err
+                Et, P, err_acc, rec_acc = Et_new, P_new, err, rec_new
             else:
                 ok = ok_b.view(B, 1, 1)
                 Et_next, P_next = torch.where(ok, Et_new, Et), torch.where(ok, P_new, P)
@@ -355,6 +382,7 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
                 else:
                     Ey, Py = Et_next, P_next
                 err_acc = torch.where(ok_b, err, err_acc)
+                rec_acc = torch.where(ok_b, rec_new, rec_acc)
                 Et, P = Et_next, P_next
             n_iter.add_(active.long())
             if (it + 1) % check_every == 0 or it == n_max - 1:
@@ -363,11 +391,11 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
                 prev_check = err_acc.clone()
                 if not bool(active.any()):
                     break
-        return Et, P, active, err_acc
+        return Et, P, active, err_acc, rec_acc
 
     def best_start(phase, Et, P):
-        """``phase(Et, P) -> (Et, P, active, err)`` from the start given, then from ``restarts - 1`` random
-        starts; each matrix keeps its lowest-error result (the exact error with ``hals``, the compressed one with
+        """``phase(Et, P) -> (Et, P, active, objective, err)`` from the start given, then from ``restarts - 1``
+        random starts; each matrix keeps its lowest-objective result (the exact error with ``hals``, the compressed one with
         ``rhals``: the same Q for every start of a matrix, so comparable)."""
         best = phase(Et, P)
         for r in range(1, restarts):
@@ -377,7 +405,7 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
             better = cand[3] < best[3]
             b3 = better.view(B, 1, 1)
             best = (torch.where(b3, cand[0], best[0]), torch.where(b3, cand[1], best[1]),
-                    torch.where(better, cand[2], best[2]), torch.where(better, cand[3], best[3]))
+                    *(torch.where(better, c, b) for c, b in zip(cand[2:], best[2:])))
         return best
 
     active = torch.ones(B, dtype=torch.bool, device=dev)
@@ -385,17 +413,19 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
         # The compressed problem only has to bring the factors near the optimum: the exact polish finishes.
         c_tol = compressed_tol if compressed_tol is not None else (tol * _COMPRESSED_TOL if polish_iter > 0 else tol)
         with stage("compressed"):
-            Et, P, active, err = best_start(lambda E_, P_: run_phase(max_iter, False, 1, E_, P_, active, c_tol), Et, P)
+            Et, P, active, _, err = best_start(lambda E_, P_: run_phase(max_iter, False, 1, E_, P_, active, c_tol),
+                                               Et, P)
         with stage("polish"):
             if polish_iter > 0:  # convergence is then judged on the exact problem
-                Et, P, active, err = run_phase(polish_iter, True, polish_sweeps, Et, P, torch.ones_like(active), tol)
+                Et, P, active, _, err = run_phase(polish_iter, True, polish_sweeps, Et, P, torch.ones_like(active),
+                                                  tol)
             else:  # the compressed error is not the true one: one more read
                 err = _sq_error(xnorm2, op.t_times(Et), P, torch.bmm(Et, Et.transpose(1, 2)),
                                 torch.bmm(P, P.transpose(1, 2))).sqrt()
     else:
         with stage("sweeps"):
-            Et, P, active, err = best_start(lambda E_, P_: run_phase(max_iter, True, polish_sweeps, E_, P_, active,
-                                                                     tol), Et, P)
+            Et, P, active, _, err = best_start(lambda E_, P_: run_phase(max_iter, True, polish_sweeps, E_, P_,
+                                                                        active, tol), Et, P)
 
     rel = torch.where(xnorm2 > 0, err / xnorm2.clamp_min(1e-300).sqrt(), torch.zeros_like(err))
     E = Et.transpose(1, 2).contiguous()
@@ -408,6 +438,12 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
             stacklevel=3,
         )
     return NMFResult(E, P, rel, n_iter, converged)
+
+
+def check_sparsity(sparsity, who: str) -> None:
+    """``sparsity`` must be a finite float >= 0."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < math.inf:
+        raise ValueError(f"{who}: sparsity must be a finite number >= 0 (0: plain NMF; e.g. 0.05); got {sparsity!r}.")
 
 
 def _relative_error(X: torch.Tensor, E: torch.Tensor, P: torch.Tensor) -> torch.Tensor:

@@ -104,3 +104,17 @@ def test_bad_auto_k_options():
         decompose_head(feats, W, 3, auto_k="yes")
     with pytest.raises(ValueError, match=r"auto_k_threshold must be a cosine in \[-1, 1\]; got 2"):
         decompose_head(feats, W, 3, auto_k=True, auto_k_threshold=2)
+
+
+def test_sparse_nmf_keeps_the_head_and_logits_exact(head_data):
+    # nmf_options={"sparsity": s} changes the initial prototypes (test_nmf: sparser coefficients), not exactness
+    feats, W = head_data
+    plain = decompose_head(feats, W, 4, seed=0)
+    sparse = decompose_head(feats, W, 4, seed=0, nmf_options={"sparsity": 0.6})
+    # float32 rounding of a sum of k prototypes: relative to their size
+    assert float((sparse.prototypes.sum(1) - W).abs().max()) < 1e-6 * float(sparse.prototypes.abs().sum(1).max())
+    head = PartPrototypeHead.from_decomposition(sparse, torch.zeros(4))
+    fmap = torch.stack([feats[c][0] for c in range(4)]).permute(0, 3, 1, 2)
+    assert torch.allclose(head.explain(fmap).contributions.sum(2), fmap.mean((2, 3)) @ W.T, atol=1e-4)
+    assert not torch.allclose(sparse.initial, plain.initial)
+

@@ -126,3 +126,49 @@ def test_unconverged_warns():
 def test_bad_input(X, k, err, match):
     with pytest.raises(err, match=match):
         nmf(X, k)
+
+
+def _penalised(X, E, P, s):
+    """The objective ``nmf(..., sparsity=s)`` minimises, computed directly."""
+    l1 = (P.norm(dim=-1) * E.sum(-2)).sum(-1)  # sum_j ||P_j||_2 ||E_j||_1
+    return ((X - E @ P) ** 2).sum((-2, -1)) + 2 * s * X.mean((-2, -1)) * l1
+
+
+@pytest.mark.filterwarnings("ignore::phpn_core.method.factorization.NMFConvergenceWarning")
+@pytest.mark.parametrize("solver", ["rhals", "hals"])
+def test_sparsity_penalises_coefficients_and_reports_the_true_error(solver):
+    X = _lowrank(3, 200, 48, 4, seed=5, noise=0.1).double()
+    before = X.clone()
+    plain = nmf(X, 6, seed=1, solver=solver)
+    assert torch.equal(nmf(X, 6, seed=1, solver=solver, sparsity=0.0).P, plain.P)  # 0 is plain NMF, bit for bit
+    sparse = nmf(X, 6, seed=1, solver=solver, sparsity=0.1)
+    assert torch.equal(X, before)
+    assert bool((sparse.E >= 0).all()) and bool((sparse.P >= 0).all())
+    # the reported error is the reconstruction's, not the objective's
+    assert torch.allclose(sparse.rel_error, _relative_error(X, sparse.E, sparse.P), rtol=1e-6)
+
+    def density(r):
+        return float((r.E > 1e-6 * r.E.amax()).double().mean())
+
+    assert density(sparse) < 0.95 * density(plain)
+    # it minimises its own objective better than plain NMF's optimum does, at a small cost in reconstruction
+    assert bool((_penalised(X, sparse.E, sparse.P, 0.1) < _penalised(X, plain.E, plain.P, 0.1)).all())
+    assert float((sparse.rel_error - plain.rel_error).max()) < 0.05
+    # invariant to X's scale: 3 X gets as sparse a fit, as close (up to where the iterations stop)
+    scaled = nmf(3 * X, 6, seed=1, solver=solver, sparsity=0.1)
+    assert torch.allclose(scaled.rel_error, sparse.rel_error, rtol=3e-2)
+    assert abs(density(scaled) - density(sparse)) < 0.02
+
+
+@pytest.mark.filterwarnings("ignore::phpn_core.method.factorization.NMFConvergenceWarning")
+def test_sparsity_streamed_matches_dense_and_bad_values_are_refused():
+    from phpn_core.method.rows import TensorRows
+
+    X = _lowrank(1, 300, 40, 4, seed=6)[0].double()
+    dense = nmf(X, 5, seed=2, solver="rhals", sparsity=0.05)
+    streamed = nmf(TensorRows(X), 5, seed=2, sparsity=0.05, block_bytes=64 * 40 * 8)
+    assert abs(float(dense.rel_error) - float(streamed.rel_error)) < 1e-6
+    assert torch.allclose(dense.P, streamed.P, rtol=1e-5, atol=1e-8)
+    for bad in (-0.1, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="sparsity must be a finite number >= 0"):
+            nmf(X, 5, sparsity=bad)
