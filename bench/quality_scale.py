@@ -14,7 +14,8 @@ features decomposed with each phpn variant (``--variants``), then on the test sp
 Prints one row per (classes, seed, method) and a mean over seeds; ``--json FILE`` writes every row.
 
     .venv/bin/python bench/quality_scale.py                              # 8 and 160 classes, seeds 0-2, k=5
-    .venv/bin/python bench/quality_scale.py --classes 160 --seeds 0 --variants residual,prototype,restarts
+    .venv/bin/python bench/quality_scale.py --classes 160,8 --variants residual,sparse,auto_sparse   # README table
+    .venv/bin/python bench/quality_scale.py --classes 1000 --n-train 10 --n-test 10 --variants residual,sparse
 """
 
 from __future__ import annotations

@@ -157,8 +157,10 @@ def build_sets(photos: list[tuple[str, torch.Tensor, int]], class_names: list[st
 
 
 def run_bench(features, weight: torch.Tensor, bias: torch.Tensor, train, test, *, k: int = 3, steps: int = 16,
-              seed: int = 0, logits_fn=None, batch_size: int = 32) -> dict:
-    """Decompose each class of ``train`` and score every method on ``test``.
+              seed: int = 0, logits_fn=None, batch_size: int = 32, sparsity: float = 0.0,
+              target: str = "residual") -> dict:
+    """Decompose each class of ``train`` (``sparsity``, ``target``: ``decompose.nmf_sparsity``, ``.target``)
+    and score every method on ``test``.
 
     Args:
         features: normalised images ``[B, 3, S, S]`` -> ``[B, D, h, w]`` (eval mode); weight ``[C', D]``, bias
@@ -190,7 +192,8 @@ def run_bench(features, weight: torch.Tensor, bias: torch.Tensor, train, test, *
     feats = {c: torch.stack(v) for c, v in by_class.items() if v}
     if sorted(feats) != list(range(C)):
         raise ValueError(f"run_bench: every class 0..{C - 1} needs training views; got classes {sorted(feats)}.")
-    hd = decompose_head(feats, weight.float(), k, **DecomposeConfig(k=k, seed=seed).head_options(), seed=seed)
+    hd = decompose_head(feats, weight.float(), k, seed=seed,
+                        **DecomposeConfig(k=k, seed=seed, nmf_sparsity=sparsity, target=target).head_options())
     head = PartPrototypeHead.from_decomposition(hd, bias.float())
     # exactness on every view, against the model's own logits
     diff = 0.0
@@ -266,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sparsity", type=float, default=0.0, help="decompose.nmf_sparsity (0: the default NMF)")
+    ap.add_argument("--target", default="residual", choices=["residual", "prototype"], help="decompose.target")
     args = ap.parse_args(argv)
     try:
         weights, photo_files = find_assets()
@@ -290,11 +295,12 @@ def main(argv=None) -> int:
     with torch.no_grad():
         x = normalize(torch.stack([test[i]["image"] for i in range(len(test))]), test.mean, test.std)
         top1 = (model(x).argmax(1) == rows_t[torch.tensor(test.labels)]).float().mean().item()
-    res = run_bench(features, W, b, train, test, k=args.k, steps=args.steps, seed=args.seed, logits_fn=logits_fn)
+    res = run_bench(features, W, b, train, test, k=args.k, steps=args.steps, seed=args.seed, logits_fn=logits_fn,
+                    sparsity=args.sparsity, target=args.target)
     print(f"MobileNetV2 IMAGENET1K_V1, {len(photos)} photos in {res['n_classes']} ImageNet classes "
           f"({', '.join(test.classes)}); top-1 on the test views {top1:.3f}")
     print(f"train: {res['n_train']} augmented views, test: {res['n_test']} centre views; k = {args.k}, "
-          f"steps = {args.steps}, seed = {args.seed}")
+          f"steps = {args.steps}, seed = {args.seed}, nmf_sparsity = {args.sparsity}, target = {args.target}")
     print(f"exactness: max |logit diff| = {res['max_abs_logit_diff']:.2e} (decomposed head vs the model, all views)")
     print(format_table(res))
     print(f"curves without a score gap (excluded): {res['n_excluded']}; {res['seconds']:.0f} s")
