@@ -274,7 +274,7 @@ def _solver_options(nmf_options: dict) -> dict:
 
 def _finish(P: torch.Tensor, maps_of, V: torch.Tensor, res, method: str, k: int, dtype, normalization: str,
             target: str, ridge: float, refine_iter: int, hw: int | None = None, auto_k: bool = False,
-            auto_k_threshold: float = 0.9) -> dict:
+            auto_k_threshold: float = AUTO_K_THRESHOLD) -> dict:
     """Steps 2-4 for a batch: scaling, the refinement on the Gram matrix of the maps, the exact sum; with
     ``auto_k``, duplicate prototypes merged (:func:`~phpn_core.method.merge.merge_duplicates`).
 
@@ -333,7 +333,8 @@ def _finish(P: torch.Tensor, maps_of, V: torch.Tensor, res, method: str, k: int,
 
 def _decompose_batch(Fs: list[torch.Tensor], V: torch.Tensor, k: int, seeds: list[int], nmf_options: dict,
                      normalization: str, target: str, ridge: float, refine_iter: int, device,
-                     method: str = "nmf", dtype=None, hw: int | None = None, merge: tuple = (False, 0.9)) -> dict:
+                     method: str = "nmf", dtype=None, hw: int | None = None,
+                     merge: tuple = (False, AUTO_K_THRESHOLD)) -> dict:
     """Decompose a batch of classes held in memory. Fs: list of ``[N_c, D]``; V ``[C, D]``; ``method`` one
     discovery for all; ``dtype`` the compute dtype (default: the features')."""
     dtype = dtype or Fs[0].dtype
@@ -356,7 +357,7 @@ def _count(t: torch.Tensor) -> torch.Tensor:
 
 def _decompose_streamed(source: RowSource, v: torch.Tensor, k: int, seed: int, nmf_options: dict,
                         normalization: str, target: str, ridge: float, refine_iter: int, device, dtype,
-                        name: str, merge: tuple = (False, 0.9)) -> dict:
+                        name: str, merge: tuple = (False, AUTO_K_THRESHOLD)) -> dict:
     """One class read from ``source`` in row blocks (``discovery="nmf"``): the same solver and refinement as
     :func:`_decompose_batch`, never holding more than one block of X in the compute dtype."""
     op, stats = checked_source(source, k, device=device, compute_dtype=dtype, block_bytes=nmf_options.get(
@@ -412,6 +413,8 @@ def decompose_head(
         max_batch_bytes: classes are processed in batches whose padded features stay below this size.
         stream_bytes: a non-negative class larger than this in the compute dtype (and every row source) is
             decomposed alone, its rows streamed in blocks: memory is one block plus thin factors, not the class.
+            Same solver (``rhals``) and refinement as in memory; another summation order, so the same error but not
+            always the same point of NMF's flat valley (as for a class in another batch).
         auto_k: ``k`` is a cap: two refined prototypes of a class whose maps on its training features are
             duplicates (cosine of their oriented, per-image-centred maps above ``auto_k_threshold``) are merged into
             one, their sum (greedy, most similar pair first, until no pair is). A sum keeps the head row's sum
@@ -421,8 +424,6 @@ def decompose_head(
             (``PartPrototypeHead.active``). ``diagnostics["k"]``: each class's number of prototypes in use;
             ``diagnostics["redundancy"]``: its largest remaining cosine (-1 with one prototype). No extra read
             of the features: the maps are the refinement's.
-            Same solver (``rhals``) and refinement as in memory; another summation order, so the same error but not
-            always the same point of NMF's flat valley (as for a class in another batch).
         progress: optional callable ``progress(n_done, n_total)`` called after each batch.
 
     Returns:

@@ -321,7 +321,8 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
         Et = Et * mask
     n_iter = torch.zeros(B, dtype=torch.long, device=dev)
     fast_path = dev.type == "cpu"  # a host sync per sweep is free on the CPU, not on an accelerator
-    # the L1 weight per matrix: s mean(X) (the penalty's gradient wrt E_j is mu ||P_j||_1, wrt P_j mu ||E_j||_1)
+    # the L1 weight per matrix, mu = s mean(X): the penalty mu ||P_j||_2 ||E_j||_1 is linear in E_j (a shift of its
+    # HALS step) and majorised by a quadratic in P_j (a ridge on its HALS step)
     mu = (sparsity * fill.clamp_min(0)).view(B, 1, 1) if sparsity > 0 else None
 
     def run_phase(n_max: int, exact: bool, sweeps: int, Et, P, active, tol: float):
@@ -346,20 +347,17 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
             Et_new = _hals_rows(Ey, A_E, G_P, 0.0, sweeps)
             G_E = torch.bmm(Et_new, Et_new.transpose(1, 2))
             A_P = op.t_times(Et_new) if exact else torch.bmm(torch.bmm(Et_new, Q), Yc)
+            G_step = G_E
             if mu is not None:
                 e1 = Et_new.sum(2, keepdim=True)  # [B, k, 1]
                 # ||P_j|| is majorised by its quadratic at the current P (MM): a ridge of mu |E_j|_1 / ||P_j||
                 # on P_j's diagonal, so the step cannot raise the objective
-                G_Er = G_E + torch.diag_embed((mu * e1 / pn.clamp_min(1e-30)).squeeze(2))
-                P_new = _hals_rows(Py, A_P, G_Er, _EPS_P, sweeps)
-                sq = _sq_error(yn2, A_P, P_new, G_E, torch.bmm(P_new, P_new.transpose(1, 2)))
-                # the objective decides acceptance and convergence; the reconstruction error is reported
+                G_step = G_E + torch.diag_embed((mu * e1 / pn.clamp_min(1e-30)).squeeze(2))
+            P_new = _hals_rows(Py, A_P, G_step, _EPS_P, sweeps)
+            sq = _sq_error(yn2, A_P, P_new, G_E, torch.bmm(P_new, P_new.transpose(1, 2)))
+            rec_new = err = sq.sqrt()
+            if mu is not None:  # the objective decides acceptance and convergence; the reconstruction is reported
                 err = (sq + 2 * mu.view(B) * (P_new.norm(dim=2, keepdim=True) * e1).sum((1, 2))).sqrt()
-                rec_new = sq.sqrt()
-            else:
-                P_new = _hals_rows(Py, A_P, G_E, _EPS_P, sweeps)
-                err = _sq_error(yn2, A_P, P_new, G_E, torch.bmm(P_new, P_new.transpose(1, 2))).sqrt()
-                rec_new = err
             # Frozen (converged) matrices never move, so a result does not depend on its batch-mates.
             ok_b = active & (err <= err_acc)
             if fast_path and bool(ok_b.all()):
@@ -395,7 +393,7 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
 
     def best_start(phase, Et, P):
         """``phase(Et, P) -> (Et, P, active, objective, err)`` from the start given, then from ``restarts - 1``
-        random starts; each matrix keeps its lowest-objective result (the exact error with ``hals``, the compressed one with
+        random starts; each matrix keeps its lowest-objective result (exact with ``hals``, compressed with
         ``rhals``: the same Q for every start of a matrix, so comparable)."""
         best = phase(Et, P)
         for r in range(1, restarts):
@@ -441,9 +439,9 @@ def factorize(op, k: int, *, xnorm2: torch.Tensor, fill: torch.Tensor, item_seed
 
 
 def check_sparsity(sparsity, who: str) -> None:
-    """``sparsity`` must be a finite float >= 0."""
+    """``sparsity`` must be a finite number >= 0 (not a bool)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < math.inf:
-        raise ValueError(f"{who}: sparsity must be a finite number >= 0 (0: plain NMF; e.g. 0.05); got {sparsity!r}.")
+        raise ValueError(f"{who}: sparsity must be a finite number >= 0 (0: plain NMF; e.g. 0.6); got {sparsity!r}.")
 
 
 def _relative_error(X: torch.Tensor, E: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
